@@ -1,0 +1,41 @@
+# Two commands for a newcomer (see README):  make demo   and   make test
+# Everything they need is installed here: Debian packages (openssh-server, sudo) and a venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_PACKAGES := openssh-server openssh-client sudo
+
+.PHONY: demo test setup system-deps lint bench clean
+
+demo: setup ## a throwaway fleet of sshd hosts on loopback; validate, plan and run the examples
+	$(BIN)/python -m maintenancebot.testing.demo
+
+test: setup ## the whole suite, against real sshd hosts on loopback
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: setup
+	$(BIN)/python -m ruff check maintenancebot tests
+	$(BIN)/python -m mypy
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -m venv --help >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

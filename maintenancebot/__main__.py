@@ -1,0 +1,3 @@
+from maintenancebot.cli import main
+
+main()

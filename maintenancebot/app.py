@@ -1,0 +1,104 @@
+"""Wiring and use cases: from settings to a store, transports and an engine; run, stop, resume.
+
+The CLI and the daemon both call these functions, so a scheduled run and a hand-started run are
+the same code path. Nothing here prints or picks an exit code (that is `cli`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+from pathlib import Path
+
+from maintenancebot.engine import Engine, RunOutcome
+from maintenancebot.errors import ConfigError, ConfigIssue, NotFound
+from maintenancebot.inventory import resolve_inventory
+from maintenancebot.loader import load_inventory, load_runbook
+from maintenancebot.models import Settings
+from maintenancebot.plan import Plan, RunbookSource, build_plan
+from maintenancebot.runcontrol import Observer
+from maintenancebot.store import RunStore, new_run_id
+from maintenancebot.transports import open_transport
+
+DB_NAME = "maintenancebot.db"
+
+
+def open_store(settings: Settings) -> RunStore:
+    """The run store, with runs left behind by a dead process marked interrupted."""
+    store = RunStore(Path(settings.state_dir).expanduser() / DB_NAME)
+    store.reap_interrupted()
+    return store
+
+
+def resolve_runbook(reference: str, settings: Settings) -> Path:
+    """A runbook given as a path, or by name from the configured runbooks directory."""
+    path = Path(reference).expanduser()
+    if path.is_file():
+        return path
+    if settings.runbooks:
+        directory = Path(settings.runbooks)
+        for candidate in (directory / reference, *(directory / f"{reference}{ext}"
+                                                   for ext in (".yaml", ".yml"))):
+            if candidate.is_file():
+                return candidate
+    raise NotFound(f"no runbook {reference!r} (not a file, and not in the runbooks directory "
+                   f"{settings.runbooks or '(none configured)'})")
+
+
+def prepare(
+    settings: Settings, runbook_ref: str, inventory_ref: str | None, narrow: list[str] | None
+) -> Plan:
+    """Load and validate everything, then plan. Raises before anything runs."""
+    path = resolve_runbook(runbook_ref, settings)
+    inventory_path = inventory_ref or settings.inventory
+    if not inventory_path:
+        raise ConfigError([ConfigIssue(str(path), None, "",
+                                       "no inventory: pass -i FILE or set `inventory` in the config")])
+    runbook = load_runbook(path)
+    inventory = resolve_inventory(load_inventory(Path(inventory_path).expanduser()))
+    return build_plan(runbook, inventory, runbook_source(path), narrow)
+
+
+def execute(
+    settings: Settings, plan: Plan, *, dry_run: bool, observer: Observer | None = None,
+    started_by: str | None = None, store: RunStore | None = None,
+) -> RunOutcome:
+    own_store = store is None
+    store = store or open_store(settings)
+    try:
+        engine = Engine(store, lambda host: open_transport(host, settings.ssh), observer=observer,
+                        action_state={"trash_retention": settings.trash_retention})
+        return engine.execute(plan, new_run_id(), dry_run=dry_run,
+                              started_by=started_by or current_user())
+    finally:
+        if own_store:
+            store.close()
+
+
+def current_user() -> str:
+    """Who started a run: the login behind sudo if any, so audits name a person, not root."""
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def runbook_source(path: Path) -> RunbookSource:
+    """The runbook's content hash and, inside a git checkout, its commit and dirtiness."""
+    source = RunbookSource.from_text(path.resolve(), path.read_bytes())
+    commit, dirty = _git_state(path)
+    return RunbookSource(source.path, source.sha256, commit, dirty)
+
+
+def _git_state(path: Path) -> tuple[str | None, bool | None]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(path.resolve().parent), *args],
+                                  capture_output=True, text=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = git("status", "--porcelain", "--", str(path.resolve()))
+    return commit, bool(status)

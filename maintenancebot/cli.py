@@ -1,0 +1,321 @@
+"""The command line: the only module that prints for humans and chooses exit codes.
+
+Exit codes are a contract (DESIGN §8): 0 all good, 1 the run finished with failures, 2 bad input
+and nothing ran, 3 aborted (breaker, kill switch, timeout), 4 waiting for approval. Expected
+errors print one clean line; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from maintenancebot import __version__
+from maintenancebot.errors import (
+    ConfigError, MaintenanceBotError, NotFound, SelectionError, TemplateError,
+)
+from maintenancebot.models import Settings
+from maintenancebot.states import RunStatus
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ABORTED, EXIT_WAITING = 0, 1, 2, 3, 4
+_RUN_EXIT = {RunStatus.SUCCEEDED: EXIT_OK, RunStatus.FAILED: EXIT_FAILED,
+             RunStatus.ABORTED: EXIT_ABORTED, RunStatus.INTERRUPTED: EXIT_ABORTED}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _clean_errors(func: F) -> F:
+    """Expected errors become one line on stderr and an exit code; bugs keep their traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                err.print(str(issue), markup=False)
+            err.print(f"{len(exc.issues)} problem(s); nothing ran.", style="red", markup=False)
+            sys.exit(EXIT_BAD_INPUT)
+        except (SelectionError, NotFound, TemplateError) as exc:
+            err.print(f"error: {exc}", style="red", markup=False)
+            sys.exit(EXIT_BAD_INPUT)
+        except MaintenanceBotError as exc:
+            err.print(f"error: {exc}", style="red", markup=False)
+            sys.exit(EXIT_FAILED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _State:
+    def __init__(self, config: Path | None) -> None:
+        self._config = config
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from maintenancebot.loader import load_settings
+
+            self._settings = load_settings(self._config)
+        return self._settings
+
+
+pass_state = click.make_pass_decorator(_State)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="MAINTENANCEBOT_CONFIG",
+              help="Config file (default: $MAINTENANCEBOT_CONFIG, then "
+                   "/etc/maintenancebot/config.yaml, then built-in defaults).")
+@click.version_option(__version__, prog_name="maintenancebot")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """Run declarative maintenance runbooks over SSH, safely.
+
+    \b
+    A typical week:
+      maintenancebot validate runbooks/ inventory/        # in CI and as a pre-commit hook
+      maintenancebot plan weekly-maintenance -i inventory/prod.yaml   # what would happen
+      maintenancebot run  weekly-maintenance -i inventory/prod.yaml   # do it
+      maintenancebot history                              # what happened
+      maintenancebot stop --reason "incident 4711"        # halt every run before its next step
+
+    \b
+    Exit codes: 0 all good, 1 finished with failures, 2 bad input (nothing ran),
+    3 aborted (circuit breaker, kill switch, timeout), 4 waiting for approval.
+    """
+    ctx.obj = _State(config)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as a JSON list.")
+@pass_state
+@_clean_errors
+def validate(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check runbooks, inventories and config files; print every problem as FILE:LINE: field: msg.
+
+    \b
+    PATHS are files or directories (searched for *.yaml / *.yml). Without PATHS the configured
+    runbooks directory and inventory are checked. Exits 2 if anything is wrong, so it works as a
+    git pre-commit hook:  maintenancebot validate runbooks/ inventory/
+    """
+    from maintenancebot.loader import validate_paths
+
+    targets = list(paths) or [Path(p) for p in (state.settings.runbooks,
+                                                 state.settings.inventory) if p]
+    if not targets:
+        raise click.UsageError("name files or directories to validate")
+    issues = validate_paths(targets)
+    if as_json:
+        click.echo(json.dumps([vars(i) for i in issues], indent=2))
+    else:
+        for issue in issues:
+            click.echo(str(issue))
+        err.print(f"{len(issues)} problem(s)" if issues else "all valid",
+                  style="red" if issues else "green", markup=False)
+    sys.exit(EXIT_BAD_INPUT if issues else EXIT_OK)
+
+
+_run_options = [
+    click.argument("runbook"),
+    click.option("-i", "--inventory", help="Inventory file or directory (default: config)."),
+    click.option("--hosts", "narrow", multiple=True, metavar="PATTERN",
+                 help="Narrow the runbook's own host selection, e.g. 'web-0*' or 'web:!web-03'. "
+                      "Repeatable."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print one JSON document (DESIGN §8) on stdout and no progress."),
+]
+
+
+def _with_run_options(func: F) -> F:
+    for option in reversed(_run_options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@_with_run_options
+@pass_state
+@_clean_errors
+def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
+         as_json: bool) -> None:
+    """Dry-run RUNBOOK: show, host by host, what a run would do. Changes nothing.
+
+    \b
+    Each step is shown as: would run (with the rendered command), skipped (its `when` was
+    false), unknown (its `when` reads a step that a dry-run does not execute: never guessed),
+    needs approval, or refused (an action that cannot preview itself). Steps marked
+    `readonly: true` really run, so later conditions see real data. Same as `run --dry-run`.
+    """
+    _run(state, runbook, inventory, narrow, as_json, dry_run=True)
+
+
+@cli.command()
+@_with_run_options
+@click.option("--dry-run", is_flag=True, help="Only show what would happen (same as `plan`).")
+@pass_state
+@_clean_errors
+def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
+        as_json: bool, dry_run: bool) -> None:
+    """Run RUNBOOK on its hosts now.
+
+    \b
+    RUNBOOK is a file or a runbook name from the configured runbooks directory. Hosts run in
+    parallel up to the runbook's `concurrency`; a failing step rolls back that host's completed
+    steps (newest first); `max_failures` stops new hosts from starting. Every step is recorded
+    before it runs: see `history` and `show RUN_ID`.
+    """
+    _run(state, runbook, inventory, narrow, as_json, dry_run=dry_run)
+
+
+def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
+         as_json: bool, *, dry_run: bool) -> None:
+    from maintenancebot import app, views
+    from maintenancebot.progress import LineProgress, LiveProgress
+
+    settings = state.settings
+    the_plan = app.prepare(settings, runbook, inventory, list(narrow) or None)
+    progress: LiveProgress | LineProgress | None = None
+    if not as_json:
+        progress = (LiveProgress(err, [h.name for h in the_plan.hosts],
+                                 len(the_plan.runbook.steps), dry_run)
+                    if err.is_terminal else LineProgress(err, dry_run))
+    store = app.open_store(settings)
+    try:
+        if progress is None:
+            outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store)
+        else:
+            with progress:
+                outcome = app.execute(settings, the_plan, dry_run=dry_run, observer=progress,
+                                      store=store)
+        _print_run(views.run_document(store, outcome.run_id), as_json)
+    finally:
+        store.close()
+    sys.exit(_RUN_EXIT[outcome.status])
+
+
+def _print_run(doc: dict[str, Any], as_json: bool) -> None:
+    from maintenancebot import views
+
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    elif out.is_terminal:
+        out.print(views.run_table(doc))
+    else:
+        for line in views.run_lines(doc):
+            click.echo(line)
+
+
+@cli.command()
+@click.option("--limit", default=20, show_default=True, help="How many runs to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@pass_state
+@_clean_errors
+def history(state: _State, limit: int, as_json: bool) -> None:
+    """List recent runs, newest first; interrupted runs name the step that was in flight."""
+    from maintenancebot import app, views
+
+    with app.open_store(state.settings) as store:
+        entries = views.history_entries(store, limit)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+    elif out.is_terminal:
+        out.print(views.history_table(entries))
+    else:
+        for line in views.history_lines(entries):
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON document.")
+@pass_state
+@_clean_errors
+def show(state: _State, run_id: str, as_json: bool) -> None:
+    """Show one run host by host and step by step (RUN_ID may be a unique prefix)."""
+    from maintenancebot import app, views
+
+    with app.open_store(state.settings) as store:
+        doc = views.run_document(store, run_id)
+    _print_run(doc, as_json)
+
+
+@cli.command()
+@click.option("--reason", required=True, help="Why; shown in every halted run and the audit.")
+@click.option("--by", "by", default=None, help="Who (default: the login name).")
+@pass_state
+@_clean_errors
+def stop(state: _State, reason: str, by: str | None) -> None:
+    """The kill switch: every run halts before its next step, and no new run starts.
+
+    Running commands are not killed mid-way; hosts stop at the next step boundary and their
+    runs end `aborted`. Lift it with `maintenancebot resume`.
+    """
+    from maintenancebot import app
+
+    with app.open_store(state.settings) as store:
+        store.set_stop(reason, by or app.current_user())
+    err.print(f"stopped: {reason}. Runs halt before their next step; `resume` lifts this.",
+              style="yellow", markup=False)
+
+
+@cli.command()
+@click.option("--by", "by", default=None, help="Who (default: the login name).")
+@pass_state
+@_clean_errors
+def resume(state: _State, by: str | None) -> None:
+    """Lift the kill switch set by `stop`."""
+    from maintenancebot import app
+
+    with app.open_store(state.settings) as store:
+        was = store.stop_state()
+        store.clear_stop(by or app.current_user())
+    err.print("resumed" if was else "was not stopped", style="green", markup=False)
+
+
+@cli.command()
+@click.option("--count", default=3, show_default=True, help="Fire times to show per runbook.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+@_clean_errors
+def schedule(state: _State, count: int, as_json: bool) -> None:
+    """Show the next fire times of every scheduled runbook in the runbooks directory."""
+    from maintenancebot.loader import load_runbooks
+    from maintenancebot.scheduling import next_fire_times
+
+    directory = state.settings.runbooks
+    if not directory:
+        raise click.UsageError("no runbooks directory configured (set `runbooks` in the config)")
+    runbooks, issues = load_runbooks(Path(directory))
+    now = datetime.now(UTC)
+    rows = []
+    for name, (path, book) in sorted(runbooks.items()):
+        times = next_fire_times(book.schedule, book.timezone, now, count) if book.schedule else []
+        rows.append({"runbook": name, "file": str(path), "schedule": book.schedule,
+                     "timezone": book.timezone, "next": [t.isoformat() for t in times]})
+    for issue in issues:
+        err.print(str(issue), markup=False)
+    if as_json:
+        click.echo(json.dumps({"runbooks": rows, "invalid": [str(i) for i in issues]}, indent=2))
+    else:
+        for row in rows:
+            fires = ", ".join(row["next"]) or "manual only"
+            click.echo(f"{row['runbook']}: {row['schedule'] or '-'} ({row['timezone']}): {fires}")
+    sys.exit(EXIT_BAD_INPUT if issues else EXIT_OK)
+
+
+def main() -> None:
+    cli(prog_name="maintenancebot")

@@ -1,0 +1,357 @@
+"""One host's walk through its steps: conditions, rendering, execution, recording, rollback.
+
+Owned here: the order of steps on one host and what happens to that host when a step fails.
+Not here: anything that concerns several hosts (batches, the breaker, concurrency: `engine`),
+SQL (`store`), sockets (`transports`). Every step is recorded as started before it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from maintenancebot.actions import ActionContext, ActionReport, get_action
+from maintenancebot.errors import CommandTimeout, ConnectError, TemplateError, TransportError
+from maintenancebot.models import Host, Step
+from maintenancebot.plan import Plan, host_context
+from maintenancebot.runcontrol import RunControl
+from maintenancebot.states import HostStatus, StepStatus, transition
+from maintenancebot.store import RunStore
+from maintenancebot.templating import Registered
+from maintenancebot.transports.base import Command, Transport, TransportFactory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutcome:
+    status: StepStatus
+    rc: int | None = None
+    changed: bool = False
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    details: dict[str, Any] | None = None
+    report: ActionReport | None = None
+
+
+@dataclass
+class _Done:
+    """A completed step, kept so that a later failure can roll it back."""
+
+    step: Step
+    index: int
+    row: int
+    context: dict[str, Any]
+    args: Any = None
+    report: ActionReport | None = None
+
+
+@dataclass
+class HostRun:
+    plan: Plan
+    host: Host
+    run_id: str
+    dry_run: bool
+    store: RunStore
+    open_transport: TransportFactory
+    control: RunControl
+    run_vars: dict[str, Any]
+    registered: dict[str, Registered] = field(default_factory=dict)
+    unknown: set[str] = field(default_factory=set)  # registers a dry-run cannot know
+    done: list[_Done] = field(default_factory=list)
+    status: HostStatus = HostStatus.PENDING
+
+    def execute(self) -> HostStatus:
+        """Walk every step of this host; returns the host's final status (already recorded)."""
+        self._set_status(HostStatus.RUNNING)
+        transport = self.open_transport(self.host)
+        try:
+            transport.connect()
+        except ConnectError as exc:
+            self._record_unreached(0, f"not reached: host unreachable: {exc}")
+            return self._set_status(HostStatus.UNREACHABLE, str(exc))
+        try:
+            return self._walk(transport)
+        finally:
+            transport.close()
+
+    def _walk(self, transport: Transport) -> HostStatus:
+        steps = self.plan.runbook.steps
+        failed = False
+        for index, step in enumerate(steps):
+            halt = self.control.halt_reason()
+            if halt:
+                self._record_unreached(index, f"not reached: {halt}")
+                return self._set_status(HostStatus.INTERRUPTED, halt)
+            outcome = self._step(transport, index, step)
+            if outcome.status in (StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.REFUSED):
+                failed = True
+                if step.on_failure != "continue":
+                    if step.on_failure == "rollback" and not self.dry_run:
+                        self._roll_back(transport)
+                    self._record_unreached(index + 1, f"not reached: step {step.name!r} failed")
+                    return self._set_status(HostStatus.FAILED, outcome.error)
+        # `continue` keeps the host going, but the failure still counts: a report that hides it
+        # would be worse than one that is red.
+        return self._set_status(HostStatus.FAILED if failed else HostStatus.SUCCEEDED)
+
+    # ------------------------------------------------------------------------------ one step
+
+    def _step(self, transport: Transport, index: int, step: Step) -> StepOutcome:
+        context = host_context(self.plan, self.host, self.run_vars, dict(self.registered))
+        blocked = self._unknown_inputs(step)
+        if blocked:
+            return self._decide(index, step, StepStatus.UNKNOWN, reason=(
+                f"depends on {', '.join(sorted(blocked))}, which a dry-run does not run"))
+        if step.when is not None:
+            try:
+                holds = self.plan.templates.evaluate(step.when, context)
+            except TemplateError as exc:
+                return self._fail_unrun(index, step, f"when: {exc}")
+            if not holds:
+                return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
+        try:
+            command, args = self._render(step, context)
+        except (TemplateError, ValidationError) as exc:
+            return self._fail_unrun(index, step, f"cannot render: {exc}")
+        if step.gated:
+            return self._gate(index, step, command)
+        if self.dry_run and not self._runs_in_dry_run(step):
+            return self._preview(transport, index, step, command, args)
+        return self._run(transport, index, step, command, args, context)
+
+    def _render(self, step: Step, context: dict[str, Any]) -> tuple[str, Any]:
+        templates = self.plan.templates
+        if step.run is not None:
+            return templates.render_shell(step.run, context), None
+        action = get_action(step.action or "")
+        assert action is not None, "the loader rejects unknown actions"
+        rendered = templates.render_value(step.args, context)
+        return f"{step.action} {rendered}", action.Args.model_validate(rendered)
+
+    def _run(
+        self, transport: Transport, index: int, step: Step, command: str, args: Any,
+        context: dict[str, Any],
+    ) -> StepOutcome:
+        row = self.store.step_started(self.run_id, self.host.name, index, step.name,
+                                      command=command)
+        outcome = self._execute(transport, index, step, command, args)
+        self.store.step_finished(
+            row, outcome.status, rc=outcome.rc, changed=outcome.changed, stdout=outcome.stdout,
+            stderr=outcome.stderr, error=outcome.error, details=outcome.details,
+        )
+        self.control.emit(self.host.name, step.name, outcome.status)
+        self._register(step, outcome)
+        if outcome.status is StepStatus.OK:
+            self.done.append(_Done(step, index, row, context, args, outcome.report))
+        return outcome
+
+    def _execute(
+        self, transport: Transport, index: int, step: Step, command: str, args: Any
+    ) -> StepOutcome:
+        started = time.monotonic()
+        try:
+            if step.action is not None:
+                return self._apply_action(transport, index, step, args)
+            result = transport.run(Command(
+                script=command, sudo=self._sudo(step), timeout=self.control.bound(step.timeout)))
+        except CommandTimeout as exc:
+            return StepOutcome(StepStatus.TIMED_OUT, stdout=exc.stdout, stderr=exc.stderr,
+                               error=f"killed after {time.monotonic() - started:.1f}s: {exc}")
+        except TransportError as exc:
+            return StepOutcome(StepStatus.FAILED, error=f"connection lost: {exc}")
+        status = StepStatus.OK if result.ok else StepStatus.FAILED
+        error = None if result.ok else f"exit code {result.rc}"
+        return StepOutcome(status, rc=result.rc, changed=result.ok, stdout=result.stdout,
+                           stderr=result.stderr, error=error,
+                           details={"duration": round(result.duration, 3)})
+
+    def _apply_action(self, transport: Transport, index: int, step: Step, args: Any) -> StepOutcome:
+        action = get_action(step.action or "")
+        assert action is not None
+        report = action.apply(transport, args, self._action_context(index, step))
+        return _from_report(report)
+
+    def _preview(
+        self, transport: Transport, index: int, step: Step, command: str, args: Any
+    ) -> StepOutcome:
+        if step.register_as:
+            self.unknown.add(step.register_as)
+        if step.action is None:
+            return self._decide(index, step, StepStatus.WOULD_RUN, command=command)
+        action = get_action(step.action)
+        assert action is not None
+        if not action.previewable:
+            return self._decide(index, step, StepStatus.REFUSED, command=command, reason=(
+                f"action {step.action!r} cannot preview itself; refused in a dry-run"))
+        row = self.store.step_started(self.run_id, self.host.name, index, step.name,
+                                      kind="probe", command=command)
+        try:
+            report = action.preview(transport, args, self._action_context(index, step))
+        except TransportError as exc:
+            report = ActionReport(ok=False, changed=False, summary=f"preview failed: {exc}")
+        status = StepStatus.WOULD_RUN if report.ok else StepStatus.FAILED
+        self.store.step_finished(row, status, stdout=report.summary, details=dict(report.data),
+                                 error=None if report.ok else report.summary)
+        self.control.emit(self.host.name, step.name, status)
+        return StepOutcome(status, details=dict(report.data), report=report,
+                           error=None if report.ok else report.summary)
+
+    def _gate(self, index: int, step: Step, command: str) -> StepOutcome:
+        if self.dry_run:
+            if step.register_as:
+                self.unknown.add(step.register_as)
+            return self._decide(index, step, StepStatus.NEEDS_APPROVAL, command=command,
+                                reason=f"would wait for approval: {step.when or 'always'}")
+        # Until approval requests exist, a gate can never be opened: timeout = deny, at once.
+        self._register(step, StepOutcome(StepStatus.DENIED))
+        return self._decide(index, step, StepStatus.DENIED, command=command,
+                            reason="approval required and no approval mechanism answered: denied")
+
+    # ------------------------------------------------------------------------------ rollback
+
+    def _roll_back(self, transport: Transport) -> None:
+        """Undo this host's completed steps, newest first, recording each undo as its own row."""
+        for done in reversed(self.done):
+            if done.step.rollback is None and done.step.action is None:
+                continue  # nothing declared to undo
+            status = self._undo(transport, done)
+            self.store.set_step_status(done.row, status)
+            self.control.emit(self.host.name, done.step.name, status)
+        self.done.clear()
+
+    def _undo(self, transport: Transport, done: _Done) -> StepStatus:
+        step = done.step
+        if step.rollback is not None:
+            try:
+                command = self.plan.templates.render_shell(step.rollback, done.context)
+            except TemplateError as exc:
+                self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=str(exc)))
+                return StepStatus.ROLLBACK_FAILED
+            row = self.store.step_started(self.run_id, self.host.name, done.index, step.name,
+                                          kind="rollback", command=command)
+            outcome = self._execute(transport, done.index, step.model_copy(
+                update={"run": command, "action": None}), command, None)
+            self._finish(row, outcome)
+        else:
+            action = get_action(step.action or "")
+            assert action is not None and done.report is not None
+            if not action.reversible:
+                self._record_rollback(done, f"undo {step.action}", StepOutcome(
+                    StepStatus.FAILED, error=f"{step.action} cannot be undone: {done.report.summary}"))
+                return StepStatus.ROLLBACK_FAILED
+            row = self.store.step_started(self.run_id, self.host.name, done.index, step.name,
+                                          kind="rollback", command=f"undo {step.action}")
+            try:
+                outcome = _from_report(action.rollback(
+                    transport, done.args, done.report, self._action_context(done.index, step)))
+            except TransportError as exc:
+                outcome = StepOutcome(StepStatus.FAILED, error=f"connection lost: {exc}")
+            self._finish(row, outcome)
+        return StepStatus.ROLLED_BACK if outcome.status is StepStatus.OK else \
+            StepStatus.ROLLBACK_FAILED
+
+    def _record_rollback(self, done: _Done, command: str | None, outcome: StepOutcome) -> None:
+        row = self.store.step_started(self.run_id, self.host.name, done.index, done.step.name,
+                                      kind="rollback", command=command)
+        self._finish(row, outcome)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _finish(self, row: int, outcome: StepOutcome) -> None:
+        self.store.step_finished(
+            row, outcome.status, rc=outcome.rc, changed=outcome.changed, stdout=outcome.stdout,
+            stderr=outcome.stderr, error=outcome.error, details=outcome.details,
+        )
+
+    def _decide(self, index: int, step: Step, status: StepStatus, *, command: str | None = None,
+                reason: str | None = None) -> StepOutcome:
+        """Record a step settled without running it (skipped, unknown, would run, ...)."""
+        self.store.record_step(self.run_id, self.host.name, index, step.name, status,
+                               command=command, reason=reason)
+        self.control.emit(self.host.name, step.name, status)
+        if status is StepStatus.SKIPPED:
+            self._register(step, StepOutcome(status))
+        elif status is StepStatus.UNKNOWN and step.register_as:
+            self.unknown.add(step.register_as)
+        return StepOutcome(status, error=reason)
+
+    def _fail_unrun(self, index: int, step: Step, error: str) -> StepOutcome:
+        row = self.store.step_started(self.run_id, self.host.name, index, step.name, command=None)
+        outcome = StepOutcome(StepStatus.FAILED, error=error)
+        self._finish(row, outcome)
+        self.control.emit(self.host.name, step.name, outcome.status)
+        return outcome
+
+    def _record_unreached(self, start: int, reason: str) -> None:
+        for index, step in enumerate(self.plan.runbook.steps[start:], start):
+            self.store.record_step(self.run_id, self.host.name, index, step.name,
+                                   StepStatus.SKIPPED, reason=reason)
+
+    def _register(self, step: Step, outcome: StepOutcome) -> None:
+        if not step.register_as:
+            return
+        self.registered[step.register_as] = Registered(
+            stdout=outcome.stdout.rstrip("\n"), stderr=outcome.stderr, rc=outcome.rc,
+            changed=outcome.changed,
+            duration=float((outcome.details or {}).get("duration", 0.0)),
+            skipped=outcome.status in (StepStatus.SKIPPED, StepStatus.DENIED),
+            failed=outcome.status in (StepStatus.FAILED, StepStatus.TIMED_OUT),
+            data=dict(outcome.report.data) if outcome.report else None,
+        )
+
+    def _unknown_inputs(self, step: Step) -> set[str]:
+        if not self.dry_run or not self.unknown:
+            return set()
+        templates = self.plan.templates
+        reads = set(templates.names(step.when, expression=True)) if step.when else set()
+        for source in (step.run, step.rollback, *_strings(step.args)):
+            if source:
+                reads |= templates.names(source)
+        return reads & self.unknown
+
+    def _runs_in_dry_run(self, step: Step) -> bool:
+        if step.readonly:
+            return True
+        action = get_action(step.action) if step.action else None
+        return bool(action and action.readonly)
+
+    def _sudo(self, step: Step) -> bool:
+        return self.host.sudo if step.sudo is None else step.sudo
+
+    def _action_context(self, index: int, step: Step) -> ActionContext:
+        return ActionContext(run_id=self.run_id, step_index=index, step_name=step.name,
+                             sudo=self._sudo(step), timeout=self.control.bound(step.timeout),
+                             dry_run=self.dry_run, state=self.control.action_state)
+
+    def _set_status(self, status: HostStatus, error: str | None = None) -> HostStatus:
+        self.status = transition(self.status, status)
+        self.store.set_host_status(self.run_id, self.host.name, status, error)
+        if status is HostStatus.RUNNING:
+            self.control.emit(self.host.name, None, status)
+        else:
+            self.control.host_finished(self.host.name, status)
+        return status
+
+
+def _from_report(report: ActionReport) -> StepOutcome:
+    return StepOutcome(
+        StepStatus.OK if report.ok else StepStatus.FAILED, rc=report.rc, changed=report.changed,
+        stdout=report.stdout or report.summary, stderr=report.stderr,
+        error=None if report.ok else report.summary, details=dict(report.data), report=report,
+    )
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []

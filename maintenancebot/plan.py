@@ -1,0 +1,101 @@
+"""(runbook, inventory, selection) -> Plan: which hosts, in which batches, with which variables.
+
+Pure: no sockets, no clock, no randomness. Rendering of each step happens in the engine, because
+a step may read what an earlier step of the same host registered; the Plan carries everything
+rendering needs (host contexts and the run's compiled-template cache) so that templates are
+compiled once per run, not once per host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maintenancebot.inventory import ResolvedInventory
+from maintenancebot.models import Host, Runbook, resolve_share
+from maintenancebot.templating import Templates
+
+
+@dataclass(frozen=True)
+class RunbookSource:
+    """Where a runbook came from, recorded with every run so a result can be traced to a commit."""
+
+    path: Path | None
+    sha256: str
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+    @classmethod
+    def from_text(cls, path: Path | None, text: bytes) -> RunbookSource:
+        return cls(path=path, sha256=hashlib.sha256(text).hexdigest())
+
+
+@dataclass(frozen=True)
+class Plan:
+    runbook: Runbook
+    source: RunbookSource
+    hosts: tuple[Host, ...]
+    batches: tuple[tuple[str, ...], ...]
+    selection: str
+    max_failures: int | None
+    templates: Templates = field(compare=False, repr=False)
+
+    def host(self, name: str) -> Host:
+        return next(host for host in self.hosts if host.name == name)
+
+
+def build_plan(
+    runbook: Runbook,
+    inventory: ResolvedInventory,
+    source: RunbookSource,
+    narrow: list[str] | None = None,
+) -> Plan:
+    """Select the hosts and cut them into batches. Raises SelectionError if nothing is selected."""
+    hosts = tuple(inventory.select(runbook.host_patterns, narrow))
+    names = [host.name for host in hosts]
+    selection = ":".join(runbook.host_patterns) + (f" & --hosts {':'.join(narrow)}" if narrow else "")
+    breaker = (
+        None if runbook.max_failures is None else resolve_share(runbook.max_failures, len(hosts))
+    )
+    return Plan(
+        runbook=runbook,
+        source=source,
+        hosts=hosts,
+        batches=split_batches(names, runbook.batches),
+        selection=selection,
+        max_failures=breaker,
+        templates=Templates(),
+    )
+
+
+def split_batches(names: list[str], sizes: list[int | str] | None) -> tuple[tuple[str, ...], ...]:
+    """Rolling batches, Ansible `serial` style: each size is one batch, the last size repeats."""
+    if not sizes:
+        return (tuple(names),)
+    batches: list[tuple[str, ...]] = []
+    position = 0
+    for turn in range(len(names)):
+        if position >= len(names):
+            break
+        size = max(1, resolve_share(sizes[min(turn, len(sizes) - 1)], len(names)))
+        batches.append(tuple(names[position : position + size]))
+        position += size
+    return tuple(batches)
+
+
+def host_context(
+    plan: Plan, host: Host, run: dict[str, Any], registered: dict[str, Any]
+) -> dict[str, Any]:
+    """The variables a step of `host` renders with. Runbook vars are defaults; inventory vars
+    (group, then host) override them, so one host can differ without forking the runbook."""
+    merged = {**plan.runbook.vars, **host.vars}
+    host_view = {
+        "name": host.name,
+        "address": host.address,
+        "port": host.port,
+        "groups": list(host.groups),
+        "vars": host.vars,
+    }
+    return {**merged, **registered, "vars": merged, "host": host_view, "run": run}

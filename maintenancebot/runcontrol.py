@@ -1,0 +1,101 @@
+"""What every host of one run shares: the deadline, the kill switch, the circuit breaker, events.
+
+Host threads ask it two questions — may a new host start, may this host take its next step — and
+report to it when a host ends. It owns the run's abort reason: the first of kill switch, run
+timeout, breaker or failed batch that stopped the run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from maintenancebot.models import format_duration
+from maintenancebot.states import HostStatus, StepStatus
+from maintenancebot.store import RunStore
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress for whoever watches a run (the CLI's live view); never drives the run."""
+
+    run_id: str
+    host: str
+    step: str | None
+    status: HostStatus | StepStatus
+
+
+Observer = Callable[[Event], None]
+
+_HOST_FAILURES = {HostStatus.FAILED, HostStatus.UNREACHABLE}
+
+
+class RunControl:
+    def __init__(
+        self,
+        run_id: str,
+        store: RunStore,
+        *,
+        timeout: float,
+        max_failures: int | None,
+        observer: Observer | None = None,
+        action_state: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id = run_id
+        self.action_state: Mapping[str, Any] = action_state or {}
+        self._store = store
+        self._timeout = timeout
+        self._deadline = clock() + timeout
+        self._clock = clock
+        self._max_failures = max_failures
+        self._observer = observer
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._abort_reason: str | None = None
+
+    @property
+    def abort_reason(self) -> str | None:
+        with self._lock:
+            return self._abort_reason
+
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            self._abort_reason = self._abort_reason or reason
+
+    def halt_reason(self) -> str | None:
+        """Why no host may take another step (kill switch, run timeout), checked before each."""
+        stop = self._store.stop_state()
+        if stop is not None:
+            reason = f"kill switch set by {stop.by}: {stop.reason}"
+        elif self._clock() >= self._deadline:
+            reason = f"run timeout of {format_duration(self._timeout)} reached"
+        else:
+            return None
+        self.abort(reason)
+        return reason
+
+    def start_refusal(self) -> str | None:
+        """Why a host that has not started yet must not start (also the breaker, failed batch)."""
+        return self.halt_reason() or self.abort_reason
+
+    def bound(self, timeout: float) -> float:
+        """A step's timeout, cut so that no step outlives the run's own deadline."""
+        return max(1.0, min(timeout, self._deadline - self._clock()))
+
+    def host_finished(self, host: str, status: HostStatus) -> None:
+        if status in _HOST_FAILURES:
+            with self._lock:
+                self._failures += 1
+                tripped = self._max_failures is not None and self._failures > self._max_failures
+            if tripped:
+                self.abort(f"circuit breaker: {self._failures} hosts failed, more than "
+                           f"max_failures={self._max_failures}; no new host starts")
+        self.emit(host, None, status)
+
+    def emit(self, host: str, step: str | None, status: HostStatus | StepStatus) -> None:
+        if self._observer is not None:
+            self._observer(Event(self.run_id, host, step, status))

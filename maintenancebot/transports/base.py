@@ -1,0 +1,89 @@
+"""The small interface between the bot's logic and a host: run a command, move a file.
+
+Commands are data. A `Command` holds the shell script exactly as the runbook rendered it; the
+transport alone decides how to wrap it (sudo, remote timeout) and quotes with `shlex` in one place,
+`wrap_script`, shared by every transport so that local and SSH runs execute the very same line.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Protocol
+
+from maintenancebot.models import Host
+
+# Seconds the remote `timeout` waits after SIGTERM before SIGKILL; the controller-side deadline
+# is the remote one plus this plus a margin, so the remote kill normally wins and reports rc 124.
+KILL_GRACE = 3
+
+
+@dataclass(frozen=True)
+class Command:
+    script: str
+    stdin: bytes | None = None
+    timeout: float | None = None
+    sudo: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    rc: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+class Transport(Protocol):
+    host: Host
+
+    def connect(self) -> None:
+        """Open the connection (raises ConnectError / HostKeyError). Idempotent."""
+
+    def run(self, command: Command) -> CommandResult:
+        """Run to completion; a non-zero rc is a result, not an error. Raises CommandTimeout
+        (the command was killed, whole process group) or TransportError (connection lost)."""
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        """Write `data` to `path` on the host (as the login user)."""
+
+    def get(self, path: str) -> bytes:
+        """Read a file from the host (as the login user)."""
+
+    def close(self) -> None:
+        """Release the connection. Idempotent; never raises."""
+
+
+def wrap_script(command: Command) -> str:
+    """The one shell line a transport executes for `command`.
+
+    `timeout` runs the script in its own process group and kills that whole group (TERM, then
+    KILL), so a hung step cannot survive its deadline even though no pty is allocated. `sudo -n`
+    fails at once instead of prompting for a password that nobody will type.
+    """
+    argv = ["sh", "-c", command.script]
+    if command.env:
+        argv = ["env", *(f"{key}={value}" for key, value in sorted(command.env.items())), *argv]
+    if command.timeout:
+        seconds = max(1, math.ceil(command.timeout))
+        argv = ["timeout", "-k", str(KILL_GRACE), str(seconds), *argv]
+    if command.sudo:
+        argv = ["sudo", "-n", "--", *argv]
+    return shlex.join(argv)
+
+
+def controller_deadline(command: Command) -> float | None:
+    """How long the controller waits before giving up on a command whose remote kill failed."""
+    if not command.timeout:
+        return None
+    return math.ceil(command.timeout) + KILL_GRACE + 2
+
+
+TransportFactory = Callable[[Host], Transport]
