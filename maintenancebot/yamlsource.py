@@ -1,8 +1,8 @@
 """YAML text -> plain data plus the line each key and item came from; issues placed on those lines.
 
-With `loader`, the only module that imports PyYAML. It walks SafeLoader's node tree itself rather
-than calling `yaml.safe_load`, because the node tree is where line numbers live and because
-`safe_load` silently keeps the last of two duplicate keys. It also turns pydantic's errors into
+The only module that imports PyYAML (`loader` reads through it). It walks SafeLoader's node tree
+itself rather than calling `yaml.safe_load`, because the node tree is where line numbers live and
+because `safe_load` silently keeps the last of two duplicate keys. It also turns pydantic's errors into
 `ConfigIssue`s, since placing an error means knowing where each value came from. It knows
 nothing about what a runbook or an inventory means (that is `loader`) and never raises for a
 bad document: every problem comes back as an issue.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import types
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -26,10 +26,15 @@ from maintenancebot.errors import ConfigIssue
 Loc = tuple[Any, ...]
 """A path into a document: mapping keys and list indexes, e.g. ('steps', 2, 'timeout')."""
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
 # Aliases can make a small file expand into a huge tree ("billion laughs"); stop well before.
 _MAX_NODES = 200_000
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-_PLAIN_TAGS = {MappingNode: "tag:yaml.org,2002:map", SequenceNode: "tag:yaml.org,2002:seq"}
+_PLAIN_TAGS: dict[type[Node], str] = {
+    MappingNode: "tag:yaml.org,2002:map",
+    SequenceNode: "tag:yaml.org,2002:seq",
+}
 
 
 @dataclass(frozen=True)
@@ -50,18 +55,69 @@ class Source:
         return None
 
     def issue(self, loc: Loc, message: str) -> ConfigIssue:
-        return ConfigIssue(self.file, self.line(loc), format_loc(loc), message)
+        return ConfigIssue(self.file, self.line(loc), format_loc(loc, self.data), message)
 
 
-def format_loc(loc: Loc) -> str:
-    """('steps', 2, 'with', 'paths') -> 'steps[2].with.paths'."""
+def format_loc(loc: Loc, data: Any = None) -> str:
+    """('steps', 2, 'with', 'paths') -> 'steps[2].with.paths'. With the document's data, an
+    integer key of a mapping shows as `.7`, not as a list index."""
     text = ""
     for part in loc:
-        if isinstance(part, int) and not isinstance(part, bool):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
+        index = isinstance(part, int) and not isinstance(part, bool) and not isinstance(data, dict)
+        text += f"[{part}]" if index else (f".{part}" if text else str(part))
+        data = data.get(part) if isinstance(data, dict) else _item(data, part)
     return text
+
+
+def _item(data: Any, part: Any) -> Any:
+    return data[part] if _has(data, part) else None
+
+
+def yaml_files(paths: list[Path], issues: list[ConfigIssue]) -> list[Path]:
+    """The given files, and the *.yaml/*.yml files anywhere under the given directories."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = (p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES and p.is_file())
+            # Skip hidden trees (.git, editors' backups): they are not the user's config.
+            files += sorted(p for p in found if not _hidden(p.relative_to(path)))
+        elif path.exists():
+            files.append(path)
+        else:
+            issues.append(ConfigIssue(str(path), None, "", "no such file or directory"))
+    return list(dict.fromkeys(files))
+
+
+def yaml_files_in(directory: Path) -> list[Path]:
+    """The *.yaml/*.yml files directly in `directory`, by name."""
+    return sorted(p for p in directory.iterdir() if p.suffix in YAML_SUFFIXES and p.is_file())
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def read_mapping(path: Path, issues: list[ConfigIssue]) -> Source | None:
+    """Like `read_source`, for the files we read: their top level must be a mapping."""
+    source, read_issues = read_source(path)
+    issues += read_issues
+    if source is not None and not isinstance(source.data, dict):
+        got = _describe(source.data)
+        issues.append(source.issue((), f"the top level must be a mapping of keys, got {got}"))
+        return None
+    return source
+
+
+def walk(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, Any]]:
+    """Every value inside `value` (depth first, containers before their items) with its loc."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield (*loc, key), item
+            yield from walk(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield (*loc, index), item
+            yield from walk(item, (*loc, index))
 
 
 def read_source(path: Path, display: str | None = None) -> tuple[Source | None, list[ConfigIssue]]:
@@ -81,7 +137,7 @@ def parse_source(text: str, file: str) -> tuple[Source | None, list[ConfigIssue]
     try:
         root = loader.get_single_node()
         if root is None:
-            return None, [ConfigIssue(file, None, "", "the file is empty")]
+            return None, [ConfigIssue(file, 1, "", "the file is empty")]
         builder = _Builder(loader)
         data = builder.build(root, ())
     except yaml.MarkedYAMLError as exc:
@@ -92,7 +148,8 @@ def parse_source(text: str, file: str) -> tuple[Source | None, list[ConfigIssue]
         loader.dispose()
     lines = {(): root.start_mark.line + 1, **builder.lines}
     return Source(file, data, lines), [
-        ConfigIssue(file, line, format_loc(loc), message) for loc, line, message in builder.issues
+        ConfigIssue(file, line, format_loc(loc, data), message)
+        for loc, line, message in builder.issues
     ]
 
 
@@ -255,14 +312,19 @@ def validation_issues(
         if err.union is not None:
             deepest[err.union] = max(deepest.get(err.union, 0), len(err.loc))
     kept = [e for e in errors if e.union is None or len(e.loc) == deepest[e.union]]
-    by_loc: dict[Loc, list[_Error]] = {}
-    for err in kept:
-        by_loc.setdefault(err.loc, []).append(err)
-    return [source.issue(loc, _merge(errs, _describe(_at(data, loc)))) for loc, errs in by_loc.items()]
+    # The members of one union that failed at one place say one thing; other errors stand alone.
+    groups: dict[tuple[Loc, int], list[_Error]] = {}
+    for number, err in enumerate(kept):
+        groups.setdefault((err.loc, -1 if err.union is not None else number), []).append(err)
+    return [
+        source.issue(loc, _merge(errs, _describe(_at(data, loc))))
+        for (loc, _), errs in groups.items()
+    ]
 
 
 def _merge(errors: list[_Error], got: str) -> str:
-    """One message for the errors of one place: a value error wins over 'expected X' ones."""
+    """One message for the errors of one place: a value error wins over 'expected X' ones, which
+    are joined ('expected a string or a list')."""
     specific = list(dict.fromkeys(e.message for e in errors if e.expected is None))
     if specific:
         return "; ".join(specific)
@@ -272,15 +334,23 @@ def _merge(errors: list[_Error], got: str) -> str:
 
 def _error(data: Any, model: type[BaseModel], err: Any) -> _Error:
     raw_loc: Loc = tuple(err["loc"])
-    loc, union = strip_union_tags(data, raw_loc, missing=err["type"] == "missing")
     kind: str = err["type"]
-    if raw_loc and raw_loc[-1] == "[key]":
-        return _Error(loc, union, None, f"names here must be strings, got {_describe(loc[-1])}")
+    if kind == "invalid_key" or raw_loc[-1:] == ("[key]",):
+        # pydantic shows a non-string key as a string ('None') or a number (True -> 1) in the
+        # loc; the key itself is the input, and it leads to the right line.
+        parent, union = strip_union_tags(data, raw_loc[: -2 if kind != "invalid_key" else -1])
+        loc = (*parent, err["input"])
+        return _Error(
+            loc, union, None, f"a key must be a string (quote it), got {_describe(err['input'])}"
+        )
+    loc, union = strip_union_tags(data, raw_loc, missing=kind == "missing")
     if kind in _EXPECTED:
         return _Error(loc, union, _EXPECTED[kind], "")
     if kind == "extra_forbidden":
         return _Error(loc, union, None, "unknown key" + _known_keys_hint(model, loc))
-    return _Error(loc, union, None, _phrase(kind, err["msg"], err.get("ctx") or {}, err.get("input")))
+    return _Error(
+        loc, union, None, _phrase(kind, err["msg"], err.get("ctx") or {}, err.get("input"))
+    )
 
 
 def _phrase(kind: str, msg: str, ctx: Mapping[str, Any], value: Any) -> str:
@@ -298,6 +368,8 @@ def plain_message(msg: str) -> str:
     """A pydantic message in our words (also used for action arguments' errors)."""
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
+    if msg.startswith("Input should be "):
+        return "must be " + msg.removeprefix("Input should be ")
     return _PYDANTIC_PHRASES.get(msg, msg)
 
 
@@ -311,15 +383,22 @@ def strip_union_tags(data: Any, loc: Loc, *, missing: bool = False) -> tuple[Loc
     union: Loc | None = None
     node = data
     for index, part in enumerate(loc):
-        if isinstance(node, dict) and isinstance(part, Hashable) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict) and not _has(node, part):
+            # pydantic writes a null or numeric mapping key as a string ('None'): find the key.
+            part = next((key for key in node if str(key) == str(part)), part)
+        if _has(node, part):
             node = node[part]
         elif not (missing and index == len(loc) - 1):
             union = tuple(kept) if union is None else union
             continue
         kept.append(part)
     return tuple(kept), union
+
+
+def _has(node: Any, part: Any) -> bool:
+    if isinstance(node, dict):
+        return isinstance(part, Hashable) and part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
 def _at(data: Any, loc: Loc) -> Any:

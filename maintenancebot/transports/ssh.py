@@ -1,0 +1,425 @@
+"""The SSH transport: one verified, key-authenticated paramiko connection per host, reused.
+
+Owns everything paramiko: connecting (optionally through jump hosts), host key verification
+against a known_hosts file, running commands on session channels, SFTP, and translating every
+paramiko and socket exception into our `TransportError` tree (`raise ... from exc`). It is the only
+module that imports paramiko. It must not accept an unknown or changed host key, try passwords,
+read ~/.ssh on its own, or decide anything about what a command means: a non-zero rc is a result.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from errno import ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT
+from pathlib import Path
+from types import TracebackType
+
+import paramiko  # type: ignore[import-untyped,unused-ignore]
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey  # type: ignore[import-untyped,unused-ignore]
+
+from maintenancebot.errors import CommandTimeout, ConnectError, HostKeyError, TransportError
+from maintenancebot.models import Host, SshSettings
+from maintenancebot.transports.base import Command, CommandResult, controller_deadline, wrap_script
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 30
+_CHUNK = 65536
+_POLL_MS = 1000  # upper bound of one wait; data, EOF and a lost connection all wake us earlier
+_TIMEOUT_RCS = (124, 137)  # GNU timeout: 124 after SIGTERM, 128+9 when it had to SIGKILL
+# Paramiko errors that mean "the connection or channel broke".
+_LINK_ERRORS = (paramiko.SSHException, OSError, EOFError)
+_ERRNO_REASONS = {
+    ECONNREFUSED: "connection refused (is sshd listening on that port?)",
+    EHOSTUNREACH: "no route to host",
+    ENETUNREACH: "network unreachable",
+    ETIMEDOUT: "connection timed out",
+}
+
+
+class SshTransport:
+    """`Transport` over SSH. Used by one thread at a time; any number of instances in parallel."""
+
+    def __init__(self, host: Host, ssh: SshSettings) -> None:
+        self.host = host
+        self._ssh = ssh
+        self._hops: list[paramiko.SSHClient] = []  # jump hosts first, the target last
+        self._sftp: paramiko.SFTPClient | None = None
+
+    def __enter__(self) -> SshTransport:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- connection
+
+    def connect(self) -> None:
+        if self._hops and self._hops[-1].get_transport().is_active():
+            return
+        self.close()  # a connection that died since: start over
+        hops: list[paramiko.SSHClient] = []
+        try:
+            self._open_chain(self.host, hops)
+        except BaseException:
+            _close_all(hops)
+            raise
+        self._hops = hops
+
+    def close(self) -> None:
+        sftp, self._sftp = self._sftp, None
+        hops, self._hops = self._hops, []
+        if sftp is not None:
+            _quietly(sftp.close)
+        _close_all(hops)
+
+    def _open_chain(self, host: Host, hops: list[paramiko.SSHClient]) -> None:
+        """Connect to `host`, first through its jump hosts (each verified the same way)."""
+        sock = None
+        if host.jump is not None:
+            self._open_chain(host.jump, hops)
+            sock = self._tunnel(hops[-1], host.jump, host)
+        hops.append(self._open_client(host, sock))
+
+    def _open_client(self, host: Host, sock: paramiko.Channel | None) -> paramiko.SSHClient:
+        timeout = self._ssh.connect_timeout
+        known_hosts = self._known_hosts_file(host)
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(_RejectUnknownKey(known_hosts, host))
+        _add_known_keys(client.get_host_keys(), known_hosts, _known_hosts_name(host))
+        pkey = self._private_key(host)
+        try:
+            client.connect(
+                hostname=host.address, port=host.port, username=_user(host), pkey=pkey,
+                sock=sock, timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                channel_timeout=timeout, allow_agent=self._ssh.use_agent, look_for_keys=False,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except (*_LINK_ERRORS, ValueError) as exc:
+            client.close()
+            raise _connect_error(host, exc, timeout) from exc
+        client.get_transport().set_keepalive(KEEPALIVE_SECONDS)
+        log.debug("connected to %s (%s:%s)", host.name, host.address, host.port)
+        return client
+
+    def _tunnel(self, jump_client: paramiko.SSHClient, jump: Host, host: Host) -> paramiko.Channel:
+        """A direct-tcpip channel from the jump host to `host`, used as the target's socket."""
+        try:
+            return jump_client.get_transport().open_channel(
+                "direct-tcpip", (host.address, host.port), ("127.0.0.1", 0),
+                timeout=self._ssh.connect_timeout,
+            )
+        except _LINK_ERRORS as exc:
+            reason = exc.text if isinstance(exc, paramiko.ChannelException) else str(exc)
+            raise ConnectError(
+                f"cannot connect to {host.name} ({host.address}:{host.port}) through jump host "
+                f"{jump.name}: {reason}"
+            ) from exc
+
+    def _known_hosts_file(self, host: Host) -> Path:
+        if not self._ssh.known_hosts:
+            raise HostKeyError(
+                f"cannot verify the host key of {host.address}:{host.port}: no known_hosts file "
+                "is configured (set ssh.known_hosts); unverified keys are never accepted"
+            )
+        return Path(self._ssh.known_hosts).expanduser()
+
+    def _private_key(self, host: Host) -> paramiko.PKey | None:
+        configured = host.identity_file or self._ssh.identity_file
+        if configured is None:
+            if self._ssh.use_agent:
+                return None
+            raise ConnectError(
+                f"no identity file for {host.name}: set identity_file in the inventory or "
+                "ssh.identity_file in the config, or ssh.use_agent: true"
+            )
+        path = Path(configured).expanduser()
+        try:
+            return paramiko.PKey.from_path(path)
+        except paramiko.PasswordRequiredException as exc:
+            raise ConnectError(
+                f"identity file {path} is passphrase-protected; load it into ssh-agent and set "
+                "ssh.use_agent: true"
+            ) from exc
+        except (*_LINK_ERRORS, ValueError) as exc:
+            raise ConnectError(f"cannot load identity file {path}: {exc}") from exc
+
+    def _client(self) -> paramiko.SSHClient:
+        self.connect()
+        return self._hops[-1]
+
+    # ----------------------------------------------------------------------------- commands
+
+    def run(self, command: Command) -> CommandResult:
+        client = self._client()
+        started = time.monotonic()
+        limit = controller_deadline(command)
+        deadline = None if limit is None else started + limit
+        channel: paramiko.Channel | None = None
+        try:
+            channel = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+            channel.exec_command(_remote_line(command))
+            _feed_stdin(channel, command.stdin)
+            out, err, done = _collect(channel, deadline)
+            if not (done and channel.status_event.wait(_remaining(deadline))):
+                raise self._abandoned(command, out, err, time.monotonic() - started)
+            rc = self._exit_status(channel)
+            return self._result(command, rc, out, err, time.monotonic() - started)
+        except _LINK_ERRORS as exc:
+            raise TransportError(f"{self.host.name}: connection lost during a command: {exc}") \
+                from exc
+        finally:
+            if channel is not None:
+                _quietly(channel.close)
+
+    def _abandoned(self, command: Command, out: bytes, err: bytes, duration: float) -> CommandTimeout:
+        # The remote `timeout` should have ended it already; closing the channel is all we can
+        # do from here, and the remote process may outlive it.
+        return CommandTimeout(
+            f"{self.host.name}: command still running after {duration:.0f}s (its timeout was "
+            f"{command.timeout:g}s); gave up and closed the channel",
+            _text(out), _text(err), duration,
+        )
+
+    def _exit_status(self, channel: paramiko.Channel) -> int:
+        status: int = channel.exit_status
+        if status >= 0:
+            return status
+        if not channel.get_transport().is_active():
+            raise TransportError(f"{self.host.name}: connection lost during a command")
+        # The server ended the session without an exit status (paramiko drops exit-signal).
+        raise TransportError(f"{self.host.name}: command ended without an exit status")
+
+    def _result(
+        self, command: Command, rc: int, out: bytes, err: bytes, duration: float
+    ) -> CommandResult:
+        if command.timeout and rc in _TIMEOUT_RCS and duration >= command.timeout:
+            raise CommandTimeout(
+                f"{self.host.name}: command timed out after {command.timeout:g}s and was killed",
+                _text(out), _text(err), duration,
+            )
+        return CommandResult(rc, _text(out), _text(err), duration)
+
+    # ----------------------------------------------------------------------------- files
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        """Write via a temporary file renamed into place: readers never see half a file, and
+        the mode is set before any data lands, so a secret is never readable by others."""
+        sftp = self._sftp_client()
+        temp = f"{path}.{secrets.token_hex(4)}.tmp"
+        try:
+            with sftp.open(temp, "xb") as handle:
+                handle.chmod(mode)
+                handle.set_pipelined(True)
+                handle.write(data)
+            sftp.posix_rename(temp, path)
+        except _LINK_ERRORS as exc:
+            _quietly(sftp.remove, temp)
+            raise TransportError(f"{self.host.name}: cannot write {path}: {_os_reason(exc)}") \
+                from exc
+
+    def get(self, path: str) -> bytes:
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(path, "rb") as handle:
+                handle.prefetch()
+                data: bytes = handle.read()
+                return data
+        except _LINK_ERRORS as exc:
+            raise TransportError(f"{self.host.name}: cannot read {path}: {_os_reason(exc)}") \
+                from exc
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        client = self._client()
+        if self._sftp is None:
+            try:
+                self._sftp = client.open_sftp()
+            except _LINK_ERRORS as exc:
+                raise TransportError(f"{self.host.name}: cannot start SFTP: {exc}") from exc
+        return self._sftp
+
+
+# ------------------------------------------------------------------------------- host keys
+
+
+class _RejectUnknownKey(paramiko.RejectPolicy):  # type: ignore[misc,unused-ignore]
+    """paramiko's RejectPolicy, raising our error with the fix in the message."""
+
+    def __init__(self, known_hosts: Path, host: Host) -> None:
+        self._known_hosts = known_hosts
+        self._host = host
+
+    def missing_host_key(self, client: object, hostname: str, key: paramiko.PKey) -> None:
+        host = self._host
+        port = "" if host.port == 22 else f"-p {host.port} "
+        raise HostKeyError(
+            f"host key of {host.address}:{host.port} is not in {self._known_hosts} (it offered "
+            f"{key.get_name()} {key.fingerprint}); verify it and add it with "
+            f"ssh-keyscan {port}{host.address} >> {self._known_hosts}"
+        )
+
+
+def _known_hosts_name(host: Host) -> str:
+    """The name OpenSSH (and paramiko) look up: `addr`, or `[addr]:port` off port 22."""
+    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+
+
+def _add_known_keys(keys: paramiko.HostKeys, path: Path, name: str) -> None:
+    """Load only `name`'s lines: parsing every key of a 500-host file costs 30 ms per connect."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror}") from exc
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        # @cert-authority / @revoked lines are skipped: paramiko cannot honour them.
+        if len(fields) < 3 or fields[0].startswith(("#", "@")) or not _matches(fields[0], name):
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line, number)
+        except (InvalidHostKey, paramiko.SSHException, ValueError) as exc:
+            raise HostKeyError(f"{path}:{number}: unreadable host key: {exc}") from exc
+        if entry is not None:
+            keys.add(name, entry.key.get_name(), entry.key)
+
+
+def _matches(patterns: str, name: str) -> bool:
+    """OpenSSH known_hosts host matching: comma list, hashed |1| entries, * and ?, !negation."""
+    matched = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
+        if pattern.startswith("|1|"):
+            hit = paramiko.HostKeys.hash_host(name, pattern) == pattern
+        else:
+            regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+            hit = re.fullmatch(regex, name, re.IGNORECASE) is not None
+        if hit and negated:
+            return False
+        matched = matched or hit
+    return matched
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def _connect_error(host: Host, exc: BaseException, timeout: float) -> ConnectError:
+    where = f"{_user(host)}@{host.address}:{host.port}"
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"host key of {host.address}:{host.port} CHANGED: it offered "
+            f"{exc.key.get_name()} {exc.key.fingerprint} but known_hosts has "
+            f"{exc.expected_key.get_name()} {exc.expected_key.fingerprint}. This can be a "
+            "man-in-the-middle attack; if the host was reinstalled, verify the new key and "
+            "replace its known_hosts entry"
+        )
+    return ConnectError(f"cannot connect to {host.name} ({where}): {_reason(exc, timeout)}")
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, paramiko.AuthenticationException):
+        return f"authentication failed ({exc}); is our public key in the host's authorized_keys?"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the address ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g}s"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        exc = next(iter(exc.errors.values()))
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_REASONS:
+        return _ERRNO_REASONS[exc.errno]
+    if isinstance(exc, paramiko.SSHException) and "protocol banner" in str(exc):
+        return f"no SSH banner within {timeout:g}s (is an SSH server listening there?)"
+    if isinstance(exc, EOFError):
+        return "the server closed the connection during the SSH handshake"
+    return str(exc) or type(exc).__name__
+
+
+def _os_reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+# ------------------------------------------------------------------------------- channels
+
+
+def _remote_line(command: Command) -> str:
+    # sshd runs the line with the login shell, which would exec a lone command; when that
+    # command dies of a signal, sshd then reports exit-signal, which paramiko drops (no rc).
+    # A trailing `exit $?` keeps the shell as parent, so we get 128+N like the local transport.
+    return f"{wrap_script(command)}; exit $?"
+
+
+def _feed_stdin(channel: paramiko.Channel, data: bytes | None) -> None:
+    if not data:
+        channel.shutdown_write()  # EOF at once, so `cat` and friends do not wait for us
+        return
+    # A thread, because writing stdin while the command fills stdout could otherwise deadlock
+    # once both SSH windows are full.
+    threading.Thread(target=_send_all, args=(channel, data), daemon=True,
+                     name="ssh-stdin").start()
+
+
+def _send_all(channel: paramiko.Channel, data: bytes) -> None:
+    try:
+        channel.sendall(data)
+        channel.shutdown_write()
+    except _LINK_ERRORS:
+        pass  # the command exited without reading all its input (like `head`): not an error
+
+
+def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes, bool]:
+    """Read stdout and stderr together until EOF (True) or the deadline (False)."""
+    out, err = bytearray(), bytearray()
+    # poll, not select: a benchmark with hundreds of connections has descriptors past 1024.
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    while True:
+        # Checked before draining: data sent before EOF is then certainly in the buffers.
+        ended = channel.eof_received or channel.closed
+        while channel.recv_ready():
+            out += channel.recv(_CHUNK)
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(_CHUNK)
+        if ended:
+            return bytes(out), bytes(err), True
+        wait = _remaining(deadline)
+        if wait is not None and wait <= 0:
+            return bytes(out), bytes(err), False
+        poller.poll(_POLL_MS if wait is None else min(_POLL_MS, int(wait * 1000) + 1))
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _user(host: Host) -> str:
+    return host.user or getpass.getuser()
+
+
+def _close_all(clients: list[paramiko.SSHClient]) -> None:
+    for client in reversed(clients):  # the target first, then the jump hosts it tunnels through
+        _quietly(client.close)
+
+
+def _quietly(action: Callable[..., object], *args: object) -> None:
+    """Cleanup that must never raise (close() is called from error paths and finalizers)."""
+    try:
+        action(*args)
+    except Exception as exc:  # noqa: BLE001 - nothing useful to do with a failed cleanup
+        log.debug("ignored during cleanup: %r", exc)

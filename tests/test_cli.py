@@ -1,0 +1,146 @@
+"""The command line as scripts use it: exit codes, JSON, plain text when piped, crash records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from maintenancebot.store import RunStore
+from maintenancebot.testing.fleet import Fleet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Cli:
+    def __init__(self, fleet: Fleet, tmp: Path) -> None:
+        self.tmp = tmp
+        self.fleet = fleet
+        self.state = tmp / "state"
+        (tmp / "runbooks").mkdir()
+        self.inventory = tmp / "inventory.yaml"
+        self.inventory.write_text(fleet.inventory_yaml())
+        self.config = tmp / "config.yaml"
+        self.config.write_text(fleet.config_yaml(self.state, runbooks=tmp / "runbooks",
+                                                 inventory=self.inventory))
+
+    def runbook(self, name: str, text: str) -> str:
+        (self.tmp / "runbooks" / f"{name}.yaml").write_text(textwrap.dedent(text))
+        return name
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "MAINTENANCEBOT_CONFIG": str(self.config), "NO_COLOR": "1"}
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
+                              capture_output=True, text=True, env=self.env(), timeout=120)
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env())
+
+
+@pytest.fixture
+def cli(fleet: Fleet, tmp_path: Path) -> Cli:
+    return Cli(fleet, tmp_path)
+
+
+def test_the_examples_validate(cli: Cli) -> None:
+    result = cli("validate", str(REPO / "runbooks"), str(REPO / "inventory"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_broken_directory_gets_one_located_line_per_mistake_and_exit_2(cli: Cli) -> None:
+    result = cli("validate", str(REPO / "tests/fixtures/broken"))
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert len(lines) >= 10
+    for line in lines:
+        file, lineno, rest = line.split(":", 2)
+        assert file.endswith((".yaml", ".yml")) and lineno.isdigit() and rest.strip(), line
+
+
+def test_plan_prints_json_labelled_dry_run_and_exits_0(cli: Cli) -> None:
+    cli.runbook("hello", "steps: [{name: greet, run: 'echo hello > {{ root }}/greeting'}]")
+    result = cli("plan", "hello", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["label"] == "DRY RUN" and doc["dry_run"] is True
+    assert {h["host"] for h in doc["hosts"]} == set(cli.fleet.names)
+    assert all(h["label"] == "DRY RUN" for h in doc["hosts"])
+    assert {s["status"] for h in doc["hosts"] for s in h["steps"]} == {"would_run"}
+    assert not any((cli.fleet.root(n) / "greeting").exists() for n in cli.fleet.names)
+
+
+def test_piped_dry_run_output_is_plain_and_every_line_says_dry_run(cli: Cli) -> None:
+    cli.runbook("hello", "steps: [{name: greet, run: 'echo hello'}]")
+    result = cli("run", "hello", "--dry-run", "--hosts", cli.fleet.names[0])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith("DRY RUN") for line in lines)
+    assert "\x1b[" not in result.stdout
+
+
+def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
+    cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
+    cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
+    cli.runbook("fine", "steps: [{name: yes, run: 'true'}]")
+    assert cli("run", "fine").returncode == 0
+    assert cli("run", "fails").returncode == 1
+    assert cli("run", "breaks").returncode == 3
+    assert cli("run", "missing-runbook").returncode == 2
+    assert cli("run", "fine", "--hosts", "no-such-host").returncode == 2
+
+
+def test_history_and_show_read_back_a_run(cli: Cli) -> None:
+    cli.runbook("fine", "steps: [{name: yes, run: 'echo ok'}]")
+    run = json.loads(cli("run", "fine", "--json").stdout)
+    history = json.loads(cli("history", "--json").stdout)
+    assert history[0]["run_id"] == run["run_id"] and history[0]["status"] == "succeeded"
+    shown = json.loads(cli("show", run["run_id"][:15], "--json").stdout)
+    assert shown["hosts"] == run["hosts"]
+
+
+def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
+    cli.runbook("fine", "steps: [{name: yes, run: 'true'}]")
+    assert cli("stop", "--reason", "change freeze").returncode == 0
+    stopped = cli("run", "fine", "--json")
+    assert stopped.returncode == 3
+    assert "change freeze" in json.loads(stopped.stdout)["reason"]
+    assert cli("resume").returncode == 0
+    assert cli("run", "fine").returncode == 0
+
+
+def test_kill_9_mid_run_leaves_an_interrupted_run_naming_the_step_in_flight(cli: Cli) -> None:
+    cli.runbook("slow", """
+        steps:
+          - {name: quick, run: 'true'}
+          - {name: long one, run: sleep 30}
+    """)
+    process = cli.spawn("run", "slow", "--hosts", cli.fleet.names[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (cli.state / "maintenancebot.db").exists():
+            with RunStore(cli.state / "maintenancebot.db") as store:
+                runs = store.list_runs()
+                if runs and any(s.name == "long one" and s.status == "running"
+                                for s in store.get_steps(runs[0].id)):
+                    break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    result = cli("history", "--json")
+    assert result.returncode == 0, result.stderr
+    latest = json.loads(result.stdout)[0]
+    assert latest["status"] == "interrupted"
+    assert "long one" in latest["note"]
+    plain = cli("history")
+    assert "interrupted" in plain.stdout and "long one" in plain.stdout

@@ -1,0 +1,50 @@
+"""The template sandbox: quoting, strictness, expressions, and what a template reads."""
+
+import pytest
+
+from maintenancebot.errors import TemplateError
+from maintenancebot.templating import Registered, Templates, check_syntax, referenced_names
+
+
+def test_every_value_is_shell_quoted_in_commands() -> None:
+    rendered = Templates().render_shell("rm -f {{ path }}", {"path": "/tmp/a b; rm -rf /"})
+    assert rendered == "rm -f '/tmp/a b; rm -rf /'"
+
+
+def test_raw_filter_opts_out_of_quoting_for_one_value() -> None:
+    rendered = Templates().render_shell("echo {{ a | raw }} {{ b }}", {"a": "$HOME", "b": "$HOME"})
+    assert rendered == "echo $HOME '$HOME'"
+
+
+def test_action_arguments_are_rendered_without_quoting() -> None:
+    args = {"paths": ["{{ root }}/var/log/*.gz"], "older_than": "{{ days }}d", "n": 3}
+    rendered = Templates().render_value(args, {"root": "/srv x", "days": 30})
+    assert rendered == {"paths": ["/srv x/var/log/*.gz"], "older_than": "30d", "n": 3}
+
+
+def test_undefined_variable_is_an_error_not_an_empty_string() -> None:
+    with pytest.raises(TemplateError, match="'nope' is undefined"):
+        Templates().render_shell("rm -rf /{{ nope }}", {})
+
+
+def test_sandbox_refuses_python_internals() -> None:
+    with pytest.raises(TemplateError):
+        Templates().render_shell("{{ ''.__class__.__mro__ }}", {})
+
+
+def test_when_expressions_read_registered_results() -> None:
+    templates = Templates()
+    context = {"disk": Registered(stdout="91"), "limit": 80}
+    assert templates.evaluate("disk.stdout | int > limit", context) is True
+    assert templates.evaluate("disk.rc is none", context) is True
+
+
+def test_syntax_errors_are_reported_without_rendering() -> None:
+    assert check_syntax("echo {{ a ") is not None
+    assert check_syntax("a ==", expression=True) is not None
+    assert check_syntax("echo {{ a }}") is None
+
+
+def test_referenced_names_lists_top_level_variables() -> None:
+    names = referenced_names("x.stdout | int > limit and host.name == 'a'", expression=True)
+    assert names == {"x", "limit", "host"}

@@ -1,0 +1,352 @@
+"""The transport contract, run against the local transport and real sshd (testinfra-style), then
+what only SSH has: host keys, unreachable hosts, jump hosts, one connection shared by many runs.
+
+Fleet hosts live on this machine, so a test's tmp_path is a valid path on them too, and `pgrep`
+here sees the processes a command started over SSH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from maintenancebot.errors import CommandTimeout, ConnectError, HostKeyError, TransportError
+from maintenancebot.inventory import resolve_inventory
+from maintenancebot.loader import load_inventory
+from maintenancebot.models import Host, SshSettings
+from maintenancebot.testing.fleet import Fleet
+from maintenancebot.transports.base import KILL_GRACE, Command, Transport, controller_deadline
+from maintenancebot.transports.local import LocalTransport
+from maintenancebot.transports.ssh import SshTransport
+
+# Prints the pid of the sshd process serving this session: the same pid means the same connection.
+SSHD_OF_SESSION = """p=$$
+while [ "$p" -gt 1 ]; do
+  case "$(cat /proc/$p/comm)" in sshd*) echo "$p"; exit 0;; esac
+  p=$(awk '/^PPid:/ {print $2}' /proc/$p/status)
+done
+exit 1"""
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def running(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
+def unique_sleep() -> str:
+    """A `sleep` argument nobody else uses, so pgrep finds exactly this test's processes."""
+    return f"600.{secrets.randbelow(10**9):09d}"
+
+
+# ------------------------------------------------------------------------------ the contract
+
+
+@pytest.fixture(params=["local", pytest.param("ssh", marks=pytest.mark.sshd)])
+def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
+    opened: Transport
+    if request.param == "local":
+        opened = LocalTransport(Host(name="local", address="localhost", connection="local"))
+    else:
+        fleet: Fleet = request.getfixturevalue("fleet")
+        opened = SshTransport(fleet.host(fleet.names[0]), fleet.ssh_settings)
+    opened.connect()
+    yield opened
+    opened.close()
+
+
+def test_run_returns_rc_stdout_and_stderr(transport: Transport) -> None:
+    result = transport.run(Command("echo out; echo err >&2; exit 3"))
+    assert (result.rc, result.stdout, result.stderr, result.ok) == (3, "out\n", "err\n", False)
+    assert 0 <= result.duration < 5
+
+
+def test_stdin_is_written_and_closed(transport: Transport) -> None:
+    assert transport.run(Command("cat; echo end", stdin=b"line\n")).stdout == "line\nend\n"
+    # No stdin means an immediate EOF, not a command waiting forever for input.
+    assert transport.run(Command("cat; echo end", timeout=10)).stdout == "end\n"
+
+
+def test_binary_stdin_arrives_byte_for_byte(transport: Transport) -> None:
+    data = os.urandom(1_000_000)
+    result = transport.run(Command("sha256sum", stdin=data))
+    assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_large_stdin_echoed_back_does_not_deadlock(transport: Transport) -> None:
+    # Far beyond pipe buffers and SSH windows in both directions at once.
+    data = b"0123456789abcdef" * 250_000
+    result = transport.run(Command("cat", stdin=data, timeout=60))
+    assert result.stdout.encode() == data
+
+
+def test_megabytes_on_both_streams_do_not_deadlock(transport: Transport) -> None:
+    script = ("(head -c 3000000 /dev/zero | tr '\\0' e >&2) &"
+              " head -c 4000000 /dev/zero | tr '\\0' o; wait")
+    result = transport.run(Command(script, timeout=60))
+    assert (len(result.stdout), set(result.stdout)) == (4_000_000, {"o"})
+    assert (len(result.stderr), set(result.stderr)) == (3_000_000, {"e"})
+
+
+def test_output_that_is_not_utf8_is_replaced_not_fatal(transport: Transport) -> None:
+    result = transport.run(Command("printf 'ok \\377\\376 end'; printf '\\377' >&2"))
+    assert (result.stdout, result.stderr) == ("ok \ufffd\ufffd end", "\ufffd")
+
+
+def test_env_values_arrive_verbatim(transport: Transport) -> None:
+    value = "it's \"quoted\" $HOME `id` ; rm -rf /nothing"
+    result = transport.run(Command('printf %s "$GREETING"', env={"GREETING": value}))
+    assert result.stdout == value
+
+
+def test_death_by_signal_reports_128_plus_the_signal(transport: Transport) -> None:
+    assert transport.run(Command("kill -KILL $$")).rc == 137
+
+
+def test_timeout_kills_the_command_and_everything_it_started(transport: Transport) -> None:
+    marker = unique_sleep()
+    with pytest.raises(CommandTimeout) as caught:
+        transport.run(Command(f"echo started; sleep {marker}; echo never", timeout=2))
+    assert 2 <= caught.value.duration < 2 + KILL_GRACE
+    assert caught.value.stdout == "started\n"
+    assert wait_until(lambda: not running(marker), 3), "the sleep outlived its timeout"
+
+
+def test_a_command_ignoring_sigterm_is_killed_after_the_grace(transport: Transport) -> None:
+    marker = unique_sleep()
+    command = Command(f"trap '' TERM; sleep {marker}", timeout=1)
+    with pytest.raises(CommandTimeout) as caught:
+        transport.run(command)
+    assert 1 + KILL_GRACE <= caught.value.duration < controller_deadline(command)  # type: ignore[operator]
+    assert wait_until(lambda: not running(marker), 3)
+
+
+def test_sudo_runs_as_root(transport: Transport) -> None:
+    result = transport.run(Command("id -u", sudo=True, timeout=30))
+    assert (result.rc, result.stdout) == (0, "0\n"), result.stderr
+
+
+def test_put_then_get_round_trips_bytes_and_mode(transport: Transport, tmp_path: Path) -> None:
+    path = str(tmp_path / "blob")
+    data = bytes(range(256)) * 1000
+    transport.put(data, path, mode=0o640)
+    assert transport.get(path) == data
+    assert transport.run(Command(f"stat -c %a {path}")).stdout == "640\n"
+
+
+def test_put_replaces_a_file_and_leaves_no_temporary(transport: Transport, tmp_path: Path) -> None:
+    path = str(tmp_path / "config")
+    transport.put(b"old", path)
+    transport.put(b"new", path)
+    assert transport.get(path) == b"new"
+    assert os.listdir(tmp_path) == ["config"]
+
+
+def test_file_errors_are_transport_errors(transport: Transport, tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="cannot read"):
+        transport.get(str(tmp_path / "missing"))
+    with pytest.raises(TransportError, match="cannot write"):
+        transport.put(b"x", str(tmp_path / "no-such-dir" / "file"))
+
+
+def test_connect_and_close_are_idempotent(transport: Transport) -> None:
+    transport.connect()
+    transport.close()
+    transport.close()
+    # Every operation connects on demand, so a closed transport is usable again.
+    assert transport.run(Command("echo again")).stdout == "again\n"
+
+
+# ------------------------------------------------------------------------------ SSH only
+
+
+def test_many_runs_share_one_connection(fleet: Fleet, tmp_path: Path) -> None:
+    host = fleet.host(fleet.names[1])
+    logins = fleet.logins(host.name)
+    with SshTransport(host, fleet.ssh_settings) as ssh:
+        sessions = {ssh.run(Command(SSHD_OF_SESSION)).stdout for _ in range(20)}
+        ssh.put(b"x", str(tmp_path / "f"))  # SFTP rides on the same connection
+        assert ssh.get(str(tmp_path / "f")) == b"x"
+        ssh.connect()
+        assert fleet.connections(host.name) == 1
+    assert len(sessions) == 1 and sessions != {""}
+    assert fleet.logins(host.name) - logins == 1
+    assert wait_until(lambda: fleet.connections(host.name) == 0), "close() left it open"
+
+
+def test_unreachable_host_fails_fast_with_connect_error(fleet: Fleet) -> None:
+    name = fleet.names[2]
+    fleet.stop_host(name)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match="refused"):
+            SshTransport(fleet.host(name), fleet.ssh_settings).connect()
+        assert time.monotonic() - started < 1
+    finally:
+        fleet.start_host(name)
+
+
+def test_connection_lost_during_a_command_is_a_transport_error(fleet: Fleet) -> None:
+    name, marker = fleet.names[2], unique_sleep()
+    errors: list[BaseException] = []
+
+    def sleep_remotely() -> None:
+        with SshTransport(fleet.host(name), fleet.ssh_settings) as ssh:
+            try:
+                ssh.run(Command(f"sleep {marker}"))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                errors.append(exc)
+
+    worker = threading.Thread(target=sleep_remotely)
+    worker.start()
+    try:
+        assert wait_until(lambda: running(marker))
+        fleet.stop_host(name)
+        worker.join(10)
+    finally:
+        fleet.start_host(name)
+    assert not worker.is_alive()
+    assert len(errors) == 1 and type(errors[0]) is TransportError, errors
+
+
+def test_a_silent_server_times_out_at_connect_timeout(fleet: Fleet) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts TCP, never says a word
+        host = Host(name="silent", address="127.0.0.1", port=silent.getsockname()[1])
+        settings = fleet.ssh_settings.model_copy(update={"connect_timeout": 1.0})
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match="no SSH banner within 1s"):
+            SshTransport(host, settings).connect()
+        assert time.monotonic() - started < 3
+
+
+def test_unknown_host_key_is_rejected_with_the_fix(fleet: Fleet) -> None:
+    name = fleet.names[0]
+    host = fleet.host(name)
+    with pytest.raises(HostKeyError, match="is not in .*ssh-keyscan -p") as caught:
+        SshTransport(host, fleet.unknown_key_settings(name)).connect()
+    assert f"{host.address}:{host.port}" in str(caught.value)
+
+
+def test_changed_host_key_is_rejected_as_possible_attack(fleet: Fleet) -> None:
+    name = fleet.names[0]
+    with pytest.raises(HostKeyError, match="CHANGED.*man-in-the-middle"):
+        SshTransport(fleet.host(name), fleet.wrong_key_settings(name)).connect()
+
+
+def test_no_known_hosts_file_means_no_connection(fleet: Fleet) -> None:
+    settings = SshSettings(identity_file=str(fleet.client_key))
+    with pytest.raises(HostKeyError, match="no known_hosts file is configured"):
+        SshTransport(fleet.host(fleet.names[0]), settings).connect()
+
+
+def test_a_key_the_host_does_not_know_fails_authentication(fleet: Fleet, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    host = fleet.host(fleet.names[0]).model_copy(update={"identity_file": str(stranger)})
+    with pytest.raises(ConnectError, match="authentication failed"):
+        SshTransport(host, fleet.ssh_settings).connect()
+
+
+def test_jump_host_carries_the_connection_and_both_close(fleet: Fleet) -> None:
+    jump, target = fleet.names[1], fleet.names[2]
+    ssh = SshTransport(fleet.host(target, via=jump), fleet.ssh_settings)
+    logins = {name: fleet.logins(name) for name in (jump, target)}
+    try:
+        result = ssh.run(Command("echo $SSH_CONNECTION"))
+        assert result.stdout.split()[2:] == [fleet.host(target).address, str(fleet.host(target).port)]
+        assert {name: fleet.logins(name) - logins[name] for name in logins} == {jump: 1, target: 1}
+        ssh.close()
+        assert wait_until(lambda: fleet.connections(jump) + fleet.connections(target) == 0)
+        # The target is reached only through the jump host: without it, the connection dies.
+        ssh.connect()
+        fleet.stop_host(jump)
+        with pytest.raises(TransportError):
+            ssh.run(Command("true", timeout=5))
+    finally:
+        ssh.close()
+        fleet.start_host(jump)
+
+
+def test_jump_host_keys_are_verified_too(fleet: Fleet) -> None:
+    jump, target = fleet.names[1], fleet.names[2]
+    with pytest.raises(HostKeyError, match=f"{fleet.host(jump).address}:.* is not in"):
+        SshTransport(fleet.host(target, via=jump), fleet.unknown_key_settings(jump)).connect()
+
+
+def test_transports_in_parallel_threads_keep_their_output_apart(fleet: Fleet) -> None:
+    def work(job: tuple[str, int]) -> list[str]:
+        name, worker = job
+        with SshTransport(fleet.host(name), fleet.ssh_settings) as ssh:
+            return [ssh.run(Command(f"sleep 0.0$RANDOM; echo {name}-{worker}-{i}")).stdout
+                    for i in range(5)]
+
+    jobs = [(name, worker) for name in fleet.names for worker in range(3)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outputs = list(pool.map(work, jobs))
+    assert outputs == [[f"{n}-{w}-{i}\n" for i in range(5)] for n, w in jobs]
+
+
+@pytest.fixture(scope="module")
+def password_sudo_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway user whose sudo rule needs a password (nobody can type one: it has none)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a throwaway user needs root")
+    name = f"mbtest{os.getpid()}"
+    # "*" is no valid password but not a locked account, so sshd still lets the key in.
+    _retry(["useradd", "--no-create-home", "--home-dir", "/", "--shell", "/bin/sh",
+            "--password", "*", name])
+    rule = Path("/etc/sudoers.d") / name
+    rule.write_text(f"{name} ALL=(ALL:ALL) ALL\n")
+    rule.chmod(0o440)
+    try:
+        yield name
+    finally:
+        rule.unlink(missing_ok=True)
+        _retry(["userdel", name])
+
+
+def _retry(argv: list[str]) -> None:
+    """useradd/userdel fail while another xdist worker holds the /etc/passwd lock."""
+    for _ in range(20):
+        if subprocess.run(argv, capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(argv, check=True)
+
+
+def test_sudo_that_needs_a_password_fails_at_once(fleet: Fleet, password_sudo_user: str) -> None:
+    host = fleet.host(fleet.names[0]).model_copy(update={"user": password_sudo_user})
+    with SshTransport(host, fleet.ssh_settings) as ssh:
+        assert ssh.run(Command("id -un")).stdout == f"{password_sudo_user}\n"
+        result = ssh.run(Command("id -u", sudo=True, timeout=30))
+    assert result.rc == 1 and "password is required" in result.stderr
+    assert result.duration < 5
+
+
+# ------------------------------------------------------------------------------ the fleet
+
+
+def test_fleet_inventory_resolves_to_the_fleet_hosts(fleet: Fleet, tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(fleet.inventory_yaml())
+    resolved = resolve_inventory(load_inventory(path))
+    assert list(resolved.hosts.values()) == fleet.hosts
+    assert resolved.groups["web"] == (fleet.names[0],)
+    assert resolved.groups["db"] == tuple(fleet.names[1:])
