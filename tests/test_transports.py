@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import threading
@@ -22,9 +23,9 @@ import pytest
 
 from maintenancebot.errors import CommandTimeout, ConnectError, HostKeyError, TransportError
 from maintenancebot.inventory import resolve_inventory
-from maintenancebot.loader import load_inventory
+from maintenancebot.loader import load_inventory, load_settings
 from maintenancebot.models import Host, SshSettings
-from maintenancebot.testing.fleet import Fleet
+from maintenancebot.testing.fleet import Fleet, FleetError
 from maintenancebot.transports.base import KILL_GRACE, Command, Transport, controller_deadline
 from maintenancebot.transports.local import LocalTransport
 from maintenancebot.transports.ssh import SshTransport
@@ -47,8 +48,13 @@ def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     return True
 
 
+def pids_of(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
 def running(pattern: str) -> bool:
-    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+    return bool(pids_of(pattern))
 
 
 def unique_sleep() -> str:
@@ -134,8 +140,27 @@ def test_a_command_ignoring_sigterm_is_killed_after_the_grace(transport: Transpo
     command = Command(f"trap '' TERM; sleep {marker}", timeout=1)
     with pytest.raises(CommandTimeout) as caught:
         transport.run(command)
-    assert 1 + KILL_GRACE <= caught.value.duration < controller_deadline(command)  # type: ignore[operator]
+    # Killed by the host's `timeout` (SIGKILL after the grace), before the controller gives up.
+    assert 1 + KILL_GRACE <= caught.value.duration < (controller_deadline(command) or 0)
     assert wait_until(lambda: not running(marker), 3)
+
+
+def test_a_command_escaping_its_timeout_is_abandoned_at_the_controller_deadline(
+    transport: Transport,
+) -> None:
+    # `setsid` leaves the group that `timeout` kills, yet holds stdout open: only the
+    # controller's own deadline can end this wait.
+    marker = unique_sleep()
+    command = Command(f"echo started; setsid sleep {marker} &", timeout=1)
+    deadline = controller_deadline(command) or 0
+    try:
+        with pytest.raises(CommandTimeout, match="still running") as caught:
+            transport.run(command)
+        assert caught.value.stdout == "started\n"
+        assert deadline <= caught.value.duration < deadline + 2
+    finally:
+        for pid in pids_of(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_sudo_runs_as_root(transport: Transport) -> None:
@@ -231,7 +256,7 @@ def test_a_silent_server_times_out_at_connect_timeout(fleet: Fleet) -> None:
         host = Host(name="silent", address="127.0.0.1", port=silent.getsockname()[1])
         settings = fleet.ssh_settings.model_copy(update={"connect_timeout": 1.0})
         started = time.monotonic()
-        with pytest.raises(ConnectError, match="no SSH banner within 1s"):
+        with pytest.raises(ConnectError, match="no SSH handshake within 1s"):
             SshTransport(host, settings).connect()
         assert time.monotonic() - started < 3
 
@@ -325,7 +350,7 @@ def password_sudo_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 def _retry(argv: list[str]) -> None:
     """useradd/userdel fail while another xdist worker holds the /etc/passwd lock."""
     for _ in range(20):
-        if subprocess.run(argv, capture_output=True).returncode == 0:
+        if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
             return
         time.sleep(0.1)
     subprocess.run(argv, check=True)
@@ -350,3 +375,14 @@ def test_fleet_inventory_resolves_to_the_fleet_hosts(fleet: Fleet, tmp_path: Pat
     assert list(resolved.hosts.values()) == fleet.hosts
     assert resolved.groups["web"] == (fleet.names[0],)
     assert resolved.groups["db"] == tuple(fleet.names[1:])
+
+
+def test_fleet_config_points_the_bot_at_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(fleet.config_yaml(tmp_path / "state"))
+    assert load_settings(path).ssh == fleet.ssh_settings
+
+
+def test_fleet_without_sshd_fails_with_the_install_hint(tmp_path: Path) -> None:
+    with pytest.raises(FleetError, match="apt-get install openssh-server"):
+        Fleet(tmp_path, sshd=str(tmp_path / "no-sshd")).start()

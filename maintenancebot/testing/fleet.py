@@ -1,11 +1,11 @@
 """A throwaway fleet of real OpenSSH sshd hosts on loopback, for tests, the demo and benchmarks.
 
-Owns everything under its `workdir`: one client key, one host key, sshd_config, log and pid file per
-host, a shared authorized_keys, the known_hosts file, and one `/usr/sbin/sshd -D -e` process per
-host listening on its own address 127.0.0.N (N = 2, 3, ...) and a free port. Each host also gets an
-empty root directory `workdir/hosts/<name>/` that tests hand to runbooks as the host var `root`.
-It must not touch the system sshd, its config, systemd or ~/.ssh, and must not import paramiko:
-it only describes hosts as `models.Host`/`SshSettings` and lets the transports connect.
+Owns everything under its `workdir`: a client key, a shared authorized_keys, the known_hosts file,
+and per host a host key, sshd_config, pid and log file, plus one `/usr/sbin/sshd -D -e` process
+listening on the host's own address 127.0.0.N (N = 2, 3, ...) and a free port. Each host also gets
+an empty directory `workdir/hosts/<name>/` (on this machine, like the hosts themselves) that tests
+hand to runbooks as the host var `root`. It must not touch the system sshd, its config, systemd or
+~/.ssh, and must not import paramiko: it describes hosts as `models.Host`/`SshSettings` only.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from maintenancebot.models import Host, SshSettings
 
@@ -44,7 +45,6 @@ class _Node:
     port: int
     root: Path
     home: Path  # sshd's own files: config, host key, pid, log
-    process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0  # where the current process's log starts
 
     @property
@@ -79,7 +79,8 @@ class Fleet:
         self._half = max(1, count // 2)
         self._extra_options: list[str] = []
         self._nodes = {name: self._node(i, name) for i, name in enumerate(self.names)}
-        # Shared with the finalizer so sshd dies with the interpreter even without stop().
+        # The running sshd of each host; shared with the finalizer, so every sshd dies with the
+        # interpreter even when nobody calls stop().
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         weakref.finalize(self, _kill_all, self._procs)
 
@@ -107,7 +108,7 @@ class Fleet:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> Fleet:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -115,8 +116,10 @@ class Fleet:
     ) -> None:
         self.stop()
 
-    def start(self) -> Fleet:
+    def start(self) -> Self:
         """Generate keys, start every sshd concurrently and wait until each one listens."""
+        if self._procs:
+            return self
         _require_tools(self._sshd)
         # sshd refuses to start without its privilege separation directory.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -137,23 +140,18 @@ class Fleet:
     def stop(self) -> None:
         """Kill every sshd and every session it serves. Idempotent."""
         _kill_all(self._procs)
-        for node in self._nodes.values():
-            node.process = None
 
     def stop_host(self, name: str) -> None:
         """Make `name` unreachable: its sshd and all its open connections die, like a crash."""
-        node = self._nodes[name]
         proc = self._procs.pop(name, None)
         if proc is not None:
             _kill_tree([proc])
-        node.process = None
 
     def start_host(self, name: str) -> None:
         """Bring a stopped host back on the same address, port and host key."""
-        node = self._nodes[name]
-        if node.process is None:
-            self._spawn(node)
-            self._await_listening([node])
+        if name not in self._procs:
+            self._spawn(self._nodes[name])
+            self._await_listening([self._nodes[name]])
 
     # ----------------------------------------------------------------------------- hosts
 
@@ -272,11 +270,10 @@ class Fleet:
         config.write_text(self._sshd_config(node))
         node.log_offset = node.log.stat().st_size if node.log.exists() else 0
         with node.log.open("ab") as log:
-            node.process = subprocess.Popen(
+            self._procs[node.name] = subprocess.Popen(
                 [self._sshd, "-D", "-e", "-f", str(config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
-        self._procs[node.name] = node.process
 
     def _sshd_config(self, node: _Node) -> str:
         options = [
@@ -285,6 +282,10 @@ class Fleet:
             f'HostKey "{node.home / "host_ed25519"}"',
             f'PidFile "{node.home / "sshd.pid"}"',
             f'AuthorizedKeysFile "{self.authorized_keys}"',
+            # sshd reads that file as the login user, who may not reach into workdir; this
+            # fallback lets any local account (e.g. a throwaway non-root user) use the key too.
+            f'AuthorizedKeysCommand {shutil.which("cat")} "{self.authorized_keys}"',
+            f"AuthorizedKeysCommandUser {getpass.getuser()}",
             "UsePAM no",
             "StrictModes no",
             "PasswordAuthentication no",
@@ -301,6 +302,10 @@ class Fleet:
             "MaxStartups 200:30:500",
             "MaxSessions 100",
             "Subsystem sftp internal-sftp",
+            # bash sources ~/.bashrc for commands run by sshd (at SHLVL 0), and a dotfile like
+            # `pyenv init` there costs ~0.1 s per command on a host that is really this
+            # machine; SHLVL=1 turns that off, so benchmarks measure the bot, not our dotfiles.
+            "SetEnv SHLVL=1",
             *self._extra_options,
         ]
         return "\n".join(options) + "\n"
@@ -315,7 +320,7 @@ class Fleet:
                 text = _log_since(node)
                 if _READY_LINE in text:
                     del pending[name]
-                elif node.process is not None and node.process.poll() is not None:
+                elif self._procs[name].poll() is not None:
                     if "Address already in use" not in text or retries[name] == 0:
                         raise FleetError(f"sshd for {name} exited:\n{text[-2000:]}")
                     retries[name] -= 1

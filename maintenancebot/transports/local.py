@@ -15,22 +15,24 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from maintenancebot.errors import CommandTimeout, TransportError
 from maintenancebot.models import Host
 from maintenancebot.transports.base import Command, CommandResult, controller_deadline, wrap_script
 
 _TIMEOUT_RCS = (124, 137)  # GNU timeout: 124 after SIGTERM, 128+9 when it had to SIGKILL
-_DRAIN_SECONDS = 2.0  # after a kill, how long to wait for output a stray process still holds
+_DRAIN_SECONDS = 1.0  # after a kill, how long to wait for output a stray process still holds
 
 
 class LocalTransport:
-    """`Transport` on the controller itself. Stateless, so connect/close are no-ops."""
+    """`Transport` on the controller itself, as the controller's user (`host.user` is not used).
+    Stateless, so connect/close are no-ops."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
 
-    def __enter__(self) -> LocalTransport:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -80,20 +82,20 @@ class LocalTransport:
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Like the SSH transport: a temporary file with its final mode, renamed into place."""
-        temp = f"{path}.{secrets.token_hex(4)}.tmp"
+        temp = _on_host(f"{path}.{secrets.token_hex(4)}.tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             with os.fdopen(fd, "wb") as handle:
                 os.fchmod(handle.fileno(), mode)  # os.open's mode is filtered by the umask
                 handle.write(data)
-            os.replace(temp, path)
+            os.replace(temp, _on_host(path))
         except OSError as exc:
-            Path(temp).unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
             raise TransportError(f"{self.host.name}: cannot write {path}: {exc.strerror}") from exc
 
     def get(self, path: str) -> bytes:
         try:
-            return Path(path).read_bytes()
+            return _on_host(path).read_bytes()
         except OSError as exc:
             raise TransportError(f"{self.host.name}: cannot read {path}: {exc.strerror}") from exc
 
@@ -110,11 +112,13 @@ def _kill_session(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
             pass
     try:
         return proc.communicate(timeout=_DRAIN_SECONDS)
-    except subprocess.TimeoutExpired:
-        # Something left the session (setsid) and still holds our pipes: stop waiting for it.
-        proc.kill()
+    except subprocess.TimeoutExpired as exc:
+        # Something left the session (setsid) and still holds our pipes: keep what we have.
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         proc.wait()
-        return b"", b""
+        return exc.stdout or b"", exc.stderr or b""
 
 
 def _session_members(sid: int) -> list[int]:
@@ -129,6 +133,11 @@ def _session_members(sid: int) -> list[int]:
         if int(fields[3]) == sid:  # after "comm)": state, ppid, pgrp, session
             members.append(int(entry.name))
     return members
+
+
+def _on_host(path: str) -> Path:
+    # Relative paths start at the home directory, as they do over SSH and SFTP.
+    return Path.home() / path
 
 
 def _rc(returncode: int) -> int:
