@@ -20,7 +20,11 @@ from rich.console import Console
 
 from maintenancebot import __version__
 from maintenancebot.errors import (
-    ConfigError, MaintenanceBotError, NotFound, SelectionError, TemplateError,
+    ConfigError,
+    MaintenanceBotError,
+    NotFound,
+    SelectionError,
+    TemplateError,
 )
 from maintenancebot.models import Settings
 from maintenancebot.states import RunStatus

@@ -41,7 +41,14 @@ _REFERENCE = re.compile(r"^(?:env:(?P<env>[A-Za-z_][A-Za-z0-9_]*)|file:(?P<file>
 _KEYWORD = (r"(?:password|passwd|pwd|passphrase|token|secret|api[_-]?key|access[_-]?key"
             r"|private[_-]?key|client[_-]?secret|credentials?)")
 _VALUE = r"(?:\"[^\"\n]*\"|'[^'\n]*'|[^\s\"',;&)}\]]+)"
-
+# Every repeat next to a keyword is bounded ({0,64}) and every pattern starts at a literal or a
+# word boundary: output is untrusted, and an unbounded `[\w-]*` before an alternation is
+# quadratic on a long run of dashes or word characters.
+_KEY = rf"[\w.-]{{0,64}}{_KEYWORD}[\w.-]{{0,64}}"
+_PEM_BLOCK = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]{0,40})PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)", re.DOTALL)
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]{0,40}PRIVATE KEY-----")
+_BASE64_LINE = re.compile(r"[A-Za-z0-9+/=]{16,}\r?")
 
 
 def _keep_quotes(match: re.Match[str]) -> str:
@@ -51,23 +58,17 @@ def _keep_quotes(match: re.Match[str]) -> str:
     return f"{match.group(1)}{quote_char}{REDACTED}{quote_char}"
 
 
-# (pattern, replacement) in order: whole blocks first, so a later pattern never sees half a key.
+# (pattern, replacement), applied in order after private key blocks (see `_mask_key_blocks`).
 _PATTERNS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
-    # A full private key block, or the start of one cut off by an output tail.
-    (re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)",
-                re.DOTALL), "[REDACTED:private-key]"),
-    # The end of a key block whose BEGIN line fell off the top of a tail.
-    (re.compile(r"(?:^[A-Za-z0-9+/=]{16,}\r?\n)+-----END [A-Z0-9 ]*PRIVATE KEY-----",
-                re.MULTILINE), "[REDACTED:private-key]"),
     (re.compile(r"\b(https?://hooks\.slack\.com/)[^\s\"'<>]+"), r"\1[REDACTED]"),
-    (re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s:/@\"'<>]+):[^\s@/\"'<>]+@", re.IGNORECASE),
-     r"\1:[REDACTED]@"),
-    (re.compile(r"\b(authorization\s*[:=]\s*[\"']?)(bearer|basic|token|bot|digest)\s+[^\s\"',]+",
-                re.IGNORECASE), r"\1\2 [REDACTED]"),
-    (re.compile(r"\b(bearer)\s+[A-Za-z0-9._~+/-]{8,}=*", re.IGNORECASE), r"\1 [REDACTED]"),
+    (re.compile(r"\b([a-z][a-z0-9+.-]{0,30}://[^\s:/@\"'<>]{1,256}):[^\s@/\"'<>]{1,256}@",
+                re.IGNORECASE), r"\1:[REDACTED]@"),
+    (re.compile(r"\b(authorization[ \t]*[:=][ \t]*[\"']?)(bearer|basic|token|bot|digest)[ \t]+"
+                r"[^\s\"',]+", re.IGNORECASE), r"\1\2 [REDACTED]"),
+    (re.compile(r"\b(bearer)[ \t]+[A-Za-z0-9._~+/-]{8,}=*", re.IGNORECASE), r"\1 [REDACTED]"),
     (re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b"),
      "[REDACTED:aws-key-id]"),
-    (re.compile(r"\b(aws_secret_access_key\s*[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+=]{40}",
+    (re.compile(r"\b(aws_secret_access_key[ \t]*[\"']?[ \t]*[:=][ \t]*[\"']?)[A-Za-z0-9/+=]{40}",
                 re.IGNORECASE), r"\1[REDACTED]"),
     (re.compile(r"\bxox[abprseo]-[A-Za-z0-9-]{8,}"), "[REDACTED:slack-token]"),
     (re.compile(r"\bxapp-[A-Za-z0-9-]{8,}"), "[REDACTED:slack-token]"),
@@ -75,12 +76,31 @@ _PATTERNS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = 
     (re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), "[REDACTED:api-key]"),
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), "[REDACTED:github-token]"),
     # `--password x` / `--token=x` on a command line.
-    (re.compile(rf"(--?[\w-]*{_KEYWORD}[\w-]*(?:\s+|=))(?!\[REDACTED)({_VALUE})", re.IGNORECASE),
+    (re.compile(rf"(?<![\w-])(--?{_KEY}(?:[ \t]+|=))(?!\[REDACTED)({_VALUE})", re.IGNORECASE),
      _keep_quotes),
     # `password=x`, `DB_PASSWORD: x`, `"api_key": "x"`; not `/etc/passwd:` (a path, not a key).
-    (re.compile(rf"(?<![\w/.-])([\w.-]*{_KEYWORD}[\w.-]*[\"']?\s*[:=]\s*)(?!\[REDACTED)({_VALUE})",
+    (re.compile(rf"(?<![\w/.-])({_KEY}[\"']?[ \t]*[:=][ \t]*)(?!\[REDACTED)({_VALUE})",
                 re.IGNORECASE), _keep_quotes),
 ]
+
+
+def _mask_key_blocks(text: str) -> str:
+    """Private key blocks, whole or cut off at either end by an output tail."""
+    if "PRIVATE KEY-----" not in text:
+        return text
+    text = _PEM_BLOCK.sub("[REDACTED:private-key]", text)
+    if not _PEM_END.search(text):
+        return text
+    # An END line whose BEGIN fell off the top of a tail: drop the base64 lines above it. Done
+    # line by line because a regex for "base64 lines followed by END" is quadratic on a blob.
+    kept: list[str] = []
+    for line in text.split("\n"):
+        if _PEM_END.search(line):
+            while kept and _BASE64_LINE.fullmatch(kept[-1]):
+                kept.pop()
+            line = _PEM_END.sub("[REDACTED:private-key]", line)
+        kept.append(line)
+    return "\n".join(kept)
 
 
 class Redactor:
@@ -102,6 +122,7 @@ class Redactor:
             return text
         if self._known is not None:
             text = self._known.sub(REDACTED, text)
+        text = _mask_key_blocks(text)
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
         return text

@@ -11,7 +11,6 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
 
-
 _DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 
 

@@ -148,3 +148,17 @@ def _guard(call: Any) -> Any:
         raise TemplateError(f"template error: {exc}") from exc
     except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError) as exc:
         raise TemplateError(f"template error: {type(exc).__name__}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------ reports
+
+# Reports (run summaries) are text for people, not shell: no quoting; blocks trimmed so a template
+# can be laid out readably. Sandboxed and strict like every other template.
+_REPORT = SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False,
+)
+
+
+def render_report(source: str, context: Mapping[str, Any]) -> str:
+    """Render a report template shipped with the package (e.g. templates/summary.txt.j2)."""
+    return str(_guard(lambda: _REPORT.from_string(source).render(context)))

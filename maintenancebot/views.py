@@ -57,6 +57,8 @@ def _step_entry(step: Any) -> dict[str, Any]:
         "index": step.idx, "name": step.name, "kind": step.kind, "status": str(step.status),
         "rc": step.rc, "changed": step.changed, "command": step.command, "error": step.error,
         "started_at": _iso(step.started_at), "finished_at": _iso(step.finished_at),
+        # The digest quotes the last lines of a failure's stderr (stored redacted).
+        "stderr_tail": step.stderr_tail,
     }
     if "files" in details:
         entry["files"] = details["files"]

@@ -92,7 +92,7 @@ def test_piped_dry_run_output_is_plain_and_every_line_says_dry_run(cli: Cli) -> 
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
-    cli.runbook("fine", "steps: [{name: yes, run: 'true'}]")
+    cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
     assert cli("run", "fine").returncode == 0
     assert cli("run", "fails").returncode == 1
     assert cli("run", "breaks").returncode == 3
@@ -101,7 +101,7 @@ def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
 
 
 def test_history_and_show_read_back_a_run(cli: Cli) -> None:
-    cli.runbook("fine", "steps: [{name: yes, run: 'echo ok'}]")
+    cli.runbook("fine", "steps: [{name: fine, run: 'echo ok'}]")
     run = json.loads(cli("run", "fine", "--json").stdout)
     history = json.loads(cli("history", "--json").stdout)
     assert history[0]["run_id"] == run["run_id"] and history[0]["status"] == "succeeded"
@@ -110,7 +110,7 @@ def test_history_and_show_read_back_a_run(cli: Cli) -> None:
 
 
 def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
-    cli.runbook("fine", "steps: [{name: yes, run: 'true'}]")
+    cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
     assert cli("stop", "--reason", "change freeze").returncode == 0
     stopped = cli("run", "fine", "--json")
     assert stopped.returncode == 3

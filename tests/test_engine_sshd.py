@@ -141,14 +141,14 @@ def test_a_hung_command_is_killed_at_its_timeout(bench: Bench) -> None:
         hosts: {bench.fleet.names[0]}
         steps:
           - name: hangs
-            run: exec -a {marker} sleep 600
+            run: bash -c "exec -a {marker} sleep 600"
             timeout: 2s
             on_failure: stop
     """)
     assert time.monotonic() - started < 15
     assert outcome.status is RunStatus.FAILED
     step = bench.steps(outcome.run_id, bench.fleet.names[0])[0]
-    assert step["status"] == "timed_out"
+    assert step["status"] == "timed_out", (step["error"], step["stderr_tail"], step["rc"])
     time.sleep(0.5)
     leftover = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
     assert leftover.stdout == "", "the hung command is gone from the host"

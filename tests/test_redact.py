@@ -1,0 +1,162 @@
+"""Redaction: known secret values in every encoding, common secret shapes, nested data, logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from maintenancebot.models import LlmSettings, Settings, SlackSettings
+from maintenancebot.redact import (
+    REDACTED,
+    RedactingFilter,
+    Redactor,
+    install_log_redaction,
+    secrets_from_settings_and_env,
+)
+
+DB_PASSWORD = "Tr0ub4dor&3-db/pass"
+
+
+def test_known_secret_values_are_masked_in_every_encoding() -> None:
+    redact = Redactor([DB_PASSWORD])
+    encoded = base64.b64encode(DB_PASSWORD.encode()).decode()
+    text = f"raw {DB_PASSWORD} url {quote(DB_PASSWORD, safe='')} b64 {encoded}"
+    assert redact(text) == f"raw {REDACTED} url {REDACTED} b64 {REDACTED}=="
+
+
+def test_a_secret_is_masked_inside_json_too() -> None:
+    secret = 'quote"in-the-middle'
+    assert Redactor([secret])(json.dumps({"out": f"x {secret} y"})) == '{"out": "x [REDACTED] y"}'
+
+
+def test_short_values_are_not_treated_as_secrets() -> None:
+    assert Redactor(["root", "admin"])("login as root or admin") == "login as root or admin"
+
+
+def test_each_line_of_a_multiline_secret_file_is_known() -> None:
+    secret = "first-line-of-secret\nsecond-line-of-secret\n"
+    assert Redactor([secret])("tail: second-line-of-secret") == f"tail: {REDACTED}"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("mysql://app:pa55w0rd@db.internal:3306/app", "mysql://app:[REDACTED]@db.internal:3306/app"),
+    ("Authorization: Bearer abc.def.ghi-123456", "Authorization: Bearer [REDACTED]"),
+    ("curl -H 'Authorization: Basic dXNlcjpwYXNz'", "curl -H 'Authorization: Basic [REDACTED]'"),
+    ("export AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE",
+     "export AWS_ACCESS_KEY_ID=[REDACTED:aws-key-id]"),
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+     "aws_secret_access_key = [REDACTED]"),
+    ("token xoxb-1234-5678-abcdefghij ok", "token [REDACTED:slack-token] ok"),
+    ("app xapp-1-A0123-456-abcdef0123", "app [REDACTED:slack-token]"),
+    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFU",
+     "jwt [REDACTED:jwt]"),
+    ("password=hunter22 user=bob", "password=[REDACTED] user=bob"),
+    ("DB_PASSWORD: 'correct horse battery'", "DB_PASSWORD: '[REDACTED]'"),
+    ('{"api_key": "abcdef123456", "name": "x"}', '{"api_key": "[REDACTED]", "name": "x"}'),
+    ("passwd: letmein99", "passwd: [REDACTED]"),
+    ("secret=abc123def", "secret=[REDACTED]"),
+    ("pg_dump --password s3cr3t-flag --token=t0k3n", "pg_dump --password [REDACTED] --token=[REDACTED]"),
+    ("hook https://hooks.slack.com/services/T000/B000/XXXXXXXXXX",
+     "hook https://hooks.slack.com/[REDACTED]"),
+])
+def test_common_secret_shapes_are_masked_and_keys_kept(text: str, expected: str) -> None:
+    assert Redactor()(text) == expected
+
+
+def test_private_key_blocks_are_masked_whole_even_when_cut_by_a_tail() -> None:
+    block = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAA\n"
+             "AAAAABAAAAMwAAAAtzc2gtZWQyNTUxOQAAACD\n-----END OPENSSH PRIVATE KEY-----")
+    redact = Redactor()
+    assert redact(f"before\n{block}\nafter") == "before\n[REDACTED:private-key]\nafter"
+    head_only = block.split("AAAAAB")[0]
+    assert "b3Blbn" not in redact(f"start\n{head_only}")
+    tail_only = "\n".join(block.splitlines()[2:])
+    assert redact(tail_only) == "[REDACTED:private-key]"
+
+
+def test_ordinary_text_survives() -> None:
+    text = "cat: /etc/passwd: No such file or directory; 3 files moved, 12 MiB freed"
+    assert Redactor()(text) == text
+
+
+def test_redaction_is_idempotent() -> None:
+    redact = Redactor([DB_PASSWORD])
+    text = f"password={DB_PASSWORD} Authorization: Bearer abcdefgh12345 xoxb-1111-2222-abcdefgh"
+    assert redact(redact(text)) == redact(text)
+
+
+def test_nested_objects_are_redacted_and_secret_keys_masked_but_references_kept() -> None:
+    redact = Redactor([DB_PASSWORD])
+    obj = {"db_password": "env:DB_PASSWORD", "api_token": "plain-token-value", "port": 5432,
+           "nested": [{"token": "abc"}, f"dsn={DB_PASSWORD}"], "token_env": "SLACK_BOT_TOKEN"}
+    assert redact.redact_obj(obj) == {
+        "db_password": "env:DB_PASSWORD", "api_token": REDACTED, "port": 5432,
+        "nested": [{"token": REDACTED}, f"dsn={REDACTED}"], "token_env": "SLACK_BOT_TOKEN",
+    }
+
+
+def test_secrets_are_collected_from_inventory_references_settings_and_environment(
+        tmp_path: Path) -> None:
+    token_file = tmp_path / "db-token"
+    token_file.write_text("file-held-token-123\n")
+    settings = Settings(slack=SlackSettings(token_env="BOT_TOK"),
+                        llm=LlmSettings(api_key_env="LLM_KEY_VAR"))
+    inventory = {"hosts": {"db-01": {"vars": {
+        "db_password": "env:DB_PASSWORD", "api_token": f"file:{token_file}",
+        "other": ["file:/nonexistent/secret", "env:UNSET_VAR", "plain value"]}}}}
+    environ = {"DB_PASSWORD": DB_PASSWORD, "BOT_TOK": "xoxb-bot-token-value",
+               "LLM_KEY_VAR": "llm-key-value-42", "MY_SERVICE_SECRET": "env-secret-99",
+               "HOME": "/root/home-dir"}
+    found = secrets_from_settings_and_env(settings, inventory, environ)
+    for value in (DB_PASSWORD, "file-held-token-123\n", "xoxb-bot-token-value",
+                  "llm-key-value-42", "env-secret-99"):
+        assert value in found
+    assert "/root/home-dir" not in found
+    assert "file-held-token-123" not in Redactor(found)("token is file-held-token-123")
+
+
+def test_log_records_are_redacted_in_message_args_and_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    redact = Redactor([DB_PASSWORD])
+    caplog.handler.addFilter(RedactingFilter(redact))
+    logger = logging.getLogger("maintenancebot.test")
+    with caplog.at_level(logging.DEBUG):
+        logger.debug("connecting with %s", DB_PASSWORD)
+        logger.info("header Authorization: Bearer abcdefgh12345678")
+        try:
+            raise RuntimeError(f"bad dsn postgres://u:{DB_PASSWORD}@db/x")
+        except RuntimeError:
+            logger.exception("failed")
+    assert DB_PASSWORD not in caplog.text
+    assert "abcdefgh12345678" not in caplog.text
+    assert "connecting with [REDACTED]" in caplog.text
+    assert "RuntimeError" in caplog.text
+
+
+def test_install_attaches_one_filter_to_each_given_handler() -> None:
+    handlers = [logging.StreamHandler(), logging.StreamHandler()]
+    installed = install_log_redaction(Redactor([DB_PASSWORD]), handlers)
+    assert all(installed in handler.filters for handler in handlers)
+
+
+def test_a_value_on_the_next_line_is_not_taken_for_the_secret() -> None:
+    assert Redactor()("token:\nRestart nginx") == "token:\nRestart nginx"
+
+
+@pytest.mark.parametrize("text", [
+    "-" * 100_000 + "password" * 2000,
+    "password" * 20_000 + "=x",
+    "a." * 100_000,
+    base64.encodebytes(bytes(range(256)) * 800).decode() + "-----END RSA PRIVATE KEY-----",
+    "-----BEGIN RSA PRIVATE KEY-----" + "A" * 200_000,
+], ids=["dashes", "keywords", "dots", "base64-blob", "unterminated-key"])
+def test_hostile_output_is_redacted_in_linear_time(text: str) -> None:
+    started = time.perf_counter()
+    Redactor(["some-secret-value"])(text)
+    assert time.perf_counter() - started < 1.0
