@@ -321,5 +321,9 @@ def schedule(state: _State, count: int, as_json: bool) -> None:
     sys.exit(EXIT_BAD_INPUT if issues else EXIT_OK)
 
 
+# Command groups that live in their own modules register themselves on `cli` when imported.
+# (one import line per module, added here)
+
+
 def main() -> None:
     cli(prog_name="maintenancebot")

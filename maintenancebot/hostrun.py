@@ -218,8 +218,8 @@ class HostRun:
     def _roll_back(self, transport: Transport) -> None:
         """Undo this host's completed steps, newest first, recording each undo as its own row."""
         for done in reversed(self.done):
-            if done.step.rollback is None and done.step.action is None:
-                continue  # nothing declared to undo
+            if done.step.rollback is None and not _action_changed_something(done):
+                continue  # nothing declared to undo, or an action that changed nothing
             status = self._undo(transport, done)
             self.store.set_step_status(done.row, status)
             self.control.emit(self.host.name, done.step.name, status)
@@ -355,3 +355,13 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, list):
         return [s for item in value for s in _strings(item)]
     return []
+
+
+def _action_changed_something(done: _Done) -> bool:
+    """A read-only action, or one whose report says it changed nothing, has nothing to undo."""
+    if done.step.action is None:
+        return False
+    action = get_action(done.step.action)
+    if action is None or action.readonly:
+        return False
+    return done.report is None or done.report.changed
