@@ -94,7 +94,7 @@ def run_lines(doc: dict[str, Any]) -> list[str]:
         for step in host["steps"]:
             kind = "" if step["kind"] == "step" else f" ({step['kind']})"
             rc = "" if step["rc"] is None else f" rc={step['rc']}"
-            lines.append(f"{prefix}  step {step['index']} {step['name']}{kind}: "
+            lines.append(f"{prefix}  step {step['index'] + 1} {step['name']}{kind}: "
                          f"{step['status']}{rc} {_one_line(step_detail(step))}".rstrip())
     if doc["dry_run"]:
         lines.append(f"{DRY}: nothing was changed on any host")
