@@ -10,6 +10,7 @@ import getpass
 import os
 import subprocess
 from pathlib import Path
+from typing import Any, TextIO
 
 from maintenancebot.engine import Engine, RunOutcome
 from maintenancebot.errors import ConfigError, ConfigIssue, NotFound
@@ -17,6 +18,7 @@ from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory, load_runbook
 from maintenancebot.models import Settings
 from maintenancebot.plan import Plan, RunbookSource, build_plan
+from maintenancebot.reporting import guard_logs, redactor_for, report_run
 from maintenancebot.runcontrol import Observer
 from maintenancebot.store import RunStore, new_run_id
 from maintenancebot.transports import open_transport
@@ -62,18 +64,43 @@ def prepare(
 
 def execute(
     settings: Settings, plan: Plan, *, dry_run: bool, observer: Observer | None = None,
-    started_by: str | None = None, store: RunStore | None = None,
+    started_by: str | None = None, store: RunStore | None = None, notify: bool = False,
+    console: TextIO | None = None,
 ) -> RunOutcome:
+    """Run `plan`, then report it: to `console` if given, and to Slack for a real run (or a
+    dry-run with `notify`). Secrets of this run are redacted from the store and the logs."""
     own_store = store is None
     store = store or open_store(settings)
     try:
+        redactor = redactor_for(settings, plan_secrets(plan))
+        store.set_redactor(redactor)
+        guard_logs(redactor)
         engine = Engine(store, lambda host: open_transport(host, settings.ssh), observer=observer,
                         action_state={"trash_retention": settings.trash_retention})
-        return engine.execute(plan, new_run_id(), dry_run=dry_run,
-                              started_by=started_by or current_user())
+        outcome = engine.execute(plan, new_run_id(), dry_run=dry_run,
+                                 started_by=started_by or current_user())
+        report_run(settings, store, outcome.run_id, redactor, post=notify or not dry_run,
+                   console=console)
+        return outcome
     finally:
         if own_store:
             store.close()
+
+
+def inventory_secrets(settings: Settings) -> list[Any]:
+    """Host vars of the configured inventory, for redaction outside a run; none if unreadable."""
+    if not settings.inventory:
+        return []
+    try:
+        inventory = resolve_inventory(load_inventory(Path(settings.inventory).expanduser()))
+    except (ConfigError, OSError):
+        return []
+    return [[dict(host.vars) for host in inventory.hosts.values()]]
+
+
+def plan_secrets(plan: Plan) -> list[Any]:
+    """What may hold `env:`/`file:` secret references: host vars and runbook vars."""
+    return [[dict(host.vars) for host in plan.hosts], dict(plan.runbook.vars)]
 
 
 def current_user() -> str:

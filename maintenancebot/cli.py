@@ -8,6 +8,7 @@ errors print one clean line; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -83,9 +84,11 @@ pass_state = click.make_pass_decorator(_State)
               envvar="MAINTENANCEBOT_CONFIG",
               help="Config file (default: $MAINTENANCEBOT_CONFIG, then "
                    "/etc/maintenancebot/config.yaml, then built-in defaults).")
+@click.option("-v", "--verbose", count=True,
+              help="Log more to stderr: -v for what each run does, -vv for debugging.")
 @click.version_option(__version__, prog_name="maintenancebot")
 @click.pass_context
-def cli(ctx: click.Context, config: Path | None) -> None:
+def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
     """Run declarative maintenance runbooks over SSH, safely.
 
     \b
@@ -100,6 +103,9 @@ def cli(ctx: click.Context, config: Path | None) -> None:
     Exit codes: 0 all good, 1 finished with failures, 2 bad input (nothing ran),
     3 aborted (circuit breaker, kill switch, timeout), 4 waiting for approval.
     """
+    # Warnings and errors always reach stderr; every record passes the run's redactor first.
+    logging.basicConfig(stream=sys.stderr, level=max(logging.DEBUG, logging.WARNING - 10 * verbose),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = _State(config)
 
 
@@ -141,6 +147,8 @@ _run_options = [
                       "Repeatable."),
     click.option("--json", "as_json", is_flag=True,
                  help="Print one JSON document (DESIGN §8) on stdout and no progress."),
+    click.option("--notify", is_flag=True,
+                 help="Post a dry-run's summary to Slack too (real runs always post)."),
 ]
 
 
@@ -155,7 +163,7 @@ def _with_run_options(func: F) -> F:
 @pass_state
 @_clean_errors
 def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-         as_json: bool) -> None:
+         as_json: bool, notify: bool) -> None:
     """Dry-run RUNBOOK: show, host by host, what a run would do. Changes nothing.
 
     \b
@@ -164,7 +172,7 @@ def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
     needs approval, or refused (an action that cannot preview itself). Steps marked
     `readonly: true` really run, so later conditions see real data. Same as `run --dry-run`.
     """
-    _run(state, runbook, inventory, narrow, as_json, dry_run=True)
+    _run(state, runbook, inventory, narrow, as_json, dry_run=True, notify=notify)
 
 
 @cli.command()
@@ -173,7 +181,7 @@ def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
 @pass_state
 @_clean_errors
 def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-        as_json: bool, dry_run: bool) -> None:
+        as_json: bool, notify: bool, dry_run: bool) -> None:
     """Run RUNBOOK on its hosts now.
 
     \b
@@ -182,11 +190,11 @@ def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, .
     steps (newest first); `max_failures` stops new hosts from starting. Every step is recorded
     before it runs: see `history` and `show RUN_ID`.
     """
-    _run(state, runbook, inventory, narrow, as_json, dry_run=dry_run)
+    _run(state, runbook, inventory, narrow, as_json, dry_run=dry_run, notify=notify)
 
 
 def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-         as_json: bool, *, dry_run: bool) -> None:
+         as_json: bool, *, dry_run: bool, notify: bool) -> None:
     from maintenancebot import app, views
     from maintenancebot.progress import LineProgress, LiveProgress
 
@@ -200,12 +208,15 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
     store = app.open_store(settings)
     try:
         if progress is None:
-            outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store)
+            outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store,
+                                  notify=notify)
         else:
             with progress:
                 outcome = app.execute(settings, the_plan, dry_run=dry_run, observer=progress,
-                                      store=store)
+                                      store=store, notify=notify)
         _print_run(views.run_document(store, outcome.run_id), as_json)
+        if not as_json:
+            _print_summary(store.get_run(outcome.run_id))
     finally:
         store.close()
     sys.exit(_RUN_EXIT[outcome.status])
@@ -221,6 +232,48 @@ def _print_run(doc: dict[str, Any], as_json: bool) -> None:
     else:
         for line in views.run_lines(doc):
             click.echo(line)
+
+
+def _print_summary(run: Any) -> None:
+    if run.summary_text:
+        for line in ["", *run.summary_text.rstrip("\n").splitlines()]:
+            # Every line of a dry-run's output says so, even when grepped out of context.
+            if run.dry_run:
+                if not line.strip():
+                    continue
+                line = line if line.startswith("DRY RUN") else f"DRY RUN {line}"
+            click.echo(line)
+    if run.notify_state == "failed":
+        err.print(f"warning: {run.notify_error}", style="yellow", markup=False)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the delivery result as JSON.")
+@pass_state
+@_clean_errors
+def notify(state: _State, run_id: str, as_json: bool) -> None:
+    """Send RUN_ID's summary again (after Slack was down: the run shows notify_failed).
+
+    \b
+    The stored summary is reused, so a resend costs no LLM tokens and says what the first
+    message would have said. Exit 0 when every channel took it, 1 when one still failed.
+    """
+    from maintenancebot import app, reporting
+
+    settings = state.settings
+    with app.open_store(settings) as store:
+        run = store.get_run(run_id)
+        redactor = reporting.redactor_for(settings, app.inventory_secrets(settings))
+        store.set_redactor(redactor)
+        report = reporting.report_run(settings, store, run.id, redactor, post=True,
+                                      console=None if as_json else sys.stdout, resend=True)
+    if as_json:
+        click.echo(json.dumps({"run_id": run.id, "notify_state": report.notify_state,
+                               "failed": list(report.failed)}))
+    elif report.notify_state != reporting.SENT:
+        err.print(f"not delivered to: {', '.join(report.failed) or 'anything'}", style="red")
+    sys.exit(EXIT_OK if report.notify_state == reporting.SENT else EXIT_FAILED)
 
 
 @cli.command()

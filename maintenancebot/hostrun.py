@@ -167,7 +167,9 @@ class HostRun:
             return StepOutcome(StepStatus.FAILED, error=f"connection lost: {exc}")
         status = StepStatus.OK if result.ok else StepStatus.FAILED
         error = None if result.ok else f"exit code {result.rc}"
-        return StepOutcome(status, rc=result.rc, changed=result.ok, stdout=result.stdout,
+        # A read-only probe changed nothing, whatever it printed; a command is assumed to.
+        return StepOutcome(status, rc=result.rc, changed=result.ok and not step.readonly,
+                           stdout=result.stdout,
                            stderr=result.stderr, error=error,
                            details={"duration": round(result.duration, 3)})
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from maintenancebot.inventory import ResolvedInventory
 from maintenancebot.models import Host, Runbook, resolve_share
-from maintenancebot.templating import Templates
+from maintenancebot.redact import is_reference, resolve_reference
+from maintenancebot.templating import Templates, unavailable
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def host_context(
 ) -> dict[str, Any]:
     """The variables a step of `host` renders with. Runbook vars are defaults; inventory vars
     (group, then host) override them, so one host can differ without forking the runbook."""
-    merged = {**plan.runbook.vars, **host.vars}
+    merged = resolve_secrets({**plan.runbook.vars, **host.vars})
     host_view = {
         "name": host.name,
         "address": host.address,
@@ -99,3 +100,18 @@ def host_context(
         "vars": host.vars,
     }
     return {**merged, **registered, "vars": merged, "host": host_view, "run": run}
+
+
+def resolve_secrets(value: Any) -> Any:
+    """Vars holding `env:NAME` or `file:/path` get the secret's value, read at render time so
+    it lives only in memory; the store, logs and reports see it redacted."""
+    if isinstance(value, str) and is_reference(value):
+        secret = resolve_reference(value)
+        if secret is None:
+            return unavailable(f"secret reference {value!r} cannot be read on this controller")
+        return secret.rstrip("\n")
+    if isinstance(value, dict):
+        return {key: resolve_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve_secrets(item) for item in value]
+    return value

@@ -185,6 +185,15 @@ def secrets_from_settings_and_env(
     return found
 
 
+def resolve_reference(value: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The secret an `env:NAME` / `file:/path` reference points at; None if it cannot be read."""
+    return _resolve(value, os.environ if environ is None else environ)
+
+
+def is_reference(value: object) -> bool:
+    return _is_reference(value)
+
+
 def _references(obj: object) -> Iterable[str]:
     if isinstance(obj, str):
         if _is_reference(obj):

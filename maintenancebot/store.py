@@ -281,6 +281,10 @@ class RunStore:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open the run store: {exc}") from exc
 
+    def set_redactor(self, redact: Redact) -> None:
+        """Use `redact` from now on: each run knows its own secrets (inventory, environment)."""
+        self._redact = redact
+
     def __enter__(self) -> RunStore:
         return self
 

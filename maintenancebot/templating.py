@@ -162,3 +162,9 @@ _REPORT = SandboxedEnvironment(
 def render_report(source: str, context: Mapping[str, Any]) -> str:
     """Render a report template shipped with the package (e.g. templates/summary.txt.j2)."""
     return str(_guard(lambda: _REPORT.from_string(source).render(context)))
+
+
+def unavailable(hint: str) -> Any:
+    """A value that fails the render that uses it, with `hint` as the reason (and only then:
+    a secret nobody renders need not exist on this controller)."""
+    return jinja2.StrictUndefined(hint=hint)

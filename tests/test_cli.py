@@ -42,6 +42,12 @@ class Cli:
         return subprocess.run([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
                               capture_output=True, text=True, env=self.env(), timeout=120)
 
+    def run_with(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        """The CLI with extra environment variables (secrets, API keys)."""
+        return subprocess.run([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
+                              capture_output=True, text=True, env={**self.env(), **env},
+                              timeout=120)
+
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
