@@ -49,7 +49,8 @@ def resolve_runbook(reference: str, settings: Settings) -> Path:
 
 
 def prepare(
-    settings: Settings, runbook_ref: str, inventory_ref: str | None, narrow: list[str] | None
+    settings: Settings, runbook_ref: str, inventory_ref: str | None, narrow: list[str] | None,
+    overrides: dict[str, Any] | None = None,
 ) -> Plan:
     """Load and validate everything, then plan. Raises before anything runs."""
     path = resolve_runbook(runbook_ref, settings)
@@ -59,7 +60,7 @@ def prepare(
                                        "no inventory: pass -i FILE or set `inventory` in the config")])
     runbook = load_runbook(path)
     inventory = resolve_inventory(load_inventory(Path(inventory_path).expanduser()))
-    return build_plan(runbook, inventory, runbook_source(path), narrow)
+    return build_plan(runbook, inventory, runbook_source(path), narrow, overrides)
 
 
 def execute(

@@ -147,9 +147,28 @@ _run_options = [
                       "Repeatable."),
     click.option("--json", "as_json", is_flag=True,
                  help="Print one JSON document (DESIGN §8) on stdout and no progress."),
+    click.option("--var", "overrides", multiple=True, metavar="KEY=VALUE",
+                 callback=lambda _ctx, _param, value: _parse_vars(value),
+                 help="Set a runbook variable for this run, above runbook and inventory vars. "
+                      "VALUE is JSON if it parses (true, 3, [\"a\"]), else a string. "
+                      "Repeatable."),
     click.option("--notify", is_flag=True,
                  help="Post a dry-run's summary to Slack too (real runs always post)."),
 ]
+
+
+def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY a variable name",
+                                     param_hint="--var")
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    return parsed
 
 
 def _with_run_options(func: F) -> F:
@@ -163,7 +182,7 @@ def _with_run_options(func: F) -> F:
 @pass_state
 @_clean_errors
 def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-         as_json: bool, notify: bool) -> None:
+         as_json: bool, overrides: dict[str, Any], notify: bool) -> None:
     """Dry-run RUNBOOK: show, host by host, what a run would do. Changes nothing.
 
     \b
@@ -172,7 +191,7 @@ def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
     needs approval, or refused (an action that cannot preview itself). Steps marked
     `readonly: true` really run, so later conditions see real data. Same as `run --dry-run`.
     """
-    _run(state, runbook, inventory, narrow, as_json, dry_run=True, notify=notify)
+    _run(state, runbook, inventory, narrow, as_json, overrides, dry_run=True, notify=notify)
 
 
 @cli.command()
@@ -181,7 +200,7 @@ def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
 @pass_state
 @_clean_errors
 def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-        as_json: bool, notify: bool, dry_run: bool) -> None:
+        as_json: bool, overrides: dict[str, Any], notify: bool, dry_run: bool) -> None:
     """Run RUNBOOK on its hosts now.
 
     \b
@@ -190,16 +209,16 @@ def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, .
     steps (newest first); `max_failures` stops new hosts from starting. Every step is recorded
     before it runs: see `history` and `show RUN_ID`.
     """
-    _run(state, runbook, inventory, narrow, as_json, dry_run=dry_run, notify=notify)
+    _run(state, runbook, inventory, narrow, as_json, overrides, dry_run=dry_run, notify=notify)
 
 
 def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-         as_json: bool, *, dry_run: bool, notify: bool) -> None:
+         as_json: bool, overrides: dict[str, Any], *, dry_run: bool, notify: bool) -> None:
     from maintenancebot import app, views
     from maintenancebot.progress import LineProgress, LiveProgress
 
     settings = state.settings
-    the_plan = app.prepare(settings, runbook, inventory, list(narrow) or None)
+    the_plan = app.prepare(settings, runbook, inventory, list(narrow) or None, overrides)
     progress: LiveProgress | LineProgress | None = None
     if not as_json:
         progress = (LiveProgress(err, [h.name for h in the_plan.hosts],

@@ -60,7 +60,8 @@ class Engine:
             runbook_hash=plan.source.sha256, dry_run=dry_run, started_by=started_by,
             selection=plan.selection, hosts=[(h.name, h.address) for h in plan.hosts],
             git_commit=plan.source.git_commit, git_dirty=plan.source.git_dirty,
-            meta={"controller": socket.gethostname()},
+            # Which vars were overridden is part of the record; their values may be secrets.
+            meta={"controller": socket.gethostname(), "overridden_vars": sorted(plan.overrides)},
         )
         control = RunControl(
             run_id, self._store, timeout=plan.runbook.timeout, max_failures=plan.max_failures,

@@ -42,6 +42,8 @@ class Plan:
     selection: str
     max_failures: int | None
     templates: Templates = field(compare=False, repr=False)
+    # `--var KEY=VALUE` from the command line: above runbook and inventory vars, like `-e`.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def host(self, name: str) -> Host:
         return next(host for host in self.hosts if host.name == name)
@@ -52,6 +54,7 @@ def build_plan(
     inventory: ResolvedInventory,
     source: RunbookSource,
     narrow: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Plan:
     """Select the hosts and cut them into batches. Raises SelectionError if nothing is selected."""
     hosts = tuple(inventory.select(runbook.host_patterns, narrow))
@@ -68,6 +71,7 @@ def build_plan(
         selection=selection,
         max_failures=breaker,
         templates=Templates(),
+        overrides=dict(overrides or {}),
     )
 
 
@@ -90,8 +94,9 @@ def host_context(
     plan: Plan, host: Host, run: dict[str, Any], registered: dict[str, Any]
 ) -> dict[str, Any]:
     """The variables a step of `host` renders with. Runbook vars are defaults; inventory vars
-    (group, then host) override them, so one host can differ without forking the runbook."""
-    merged = resolve_secrets({**plan.runbook.vars, **host.vars})
+    (group, then host) override them, so one host can differ without forking the runbook;
+    `--var` overrides both for one run."""
+    merged = resolve_secrets({**plan.runbook.vars, **host.vars, **plan.overrides})
     host_view = {
         "name": host.name,
         "address": host.address,

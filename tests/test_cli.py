@@ -150,3 +150,20 @@ def test_kill_9_mid_run_leaves_an_interrupted_run_naming_the_step_in_flight(cli:
     assert "long one" in latest["note"]
     plain = cli("history")
     assert "interrupted" in plain.stdout and "long one" in plain.stdout
+
+
+def test_var_overrides_runbook_and_inventory_vars_for_one_run(cli: Cli) -> None:
+    cli.runbook("greet", """
+        vars: {greeting: hello, loud: false}
+        steps:
+          - {name: greet, run: 'echo {{ greeting }} > {{ root }}/greeting', when: 'not loud'}
+    """)
+    first = cli.fleet.names[0]
+    assert cli("run", "greet", "--hosts", first, "--var", "greeting=good day",
+               "--var", "loud=false").returncode == 0
+    assert (cli.fleet.root(first) / "greeting").read_text() == "good day\n"
+    skipped = json.loads(cli("run", "greet", "--hosts", first, "--var", "loud=true",
+                             "--json").stdout)
+    assert skipped["hosts"][0]["steps"][0]["status"] == "skipped"
+    bad = cli("run", "greet", "--var", "no equals sign")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

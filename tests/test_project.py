@@ -1,0 +1,77 @@
+"""Project-wide promises: the example config documents every option, and each third-party
+library with a sharp edge is imported by exactly one module (so it can be swapped or audited)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from maintenancebot.loader import load_settings
+from maintenancebot.models import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "maintenancebot"
+
+# library -> the only modules allowed to import it
+BOUNDARIES = {
+    "paramiko": {"transports/ssh.py"},
+    "yaml": {"yamlsource.py"},
+    "jinja2": {"templating.py"},
+    "apscheduler": {"scheduling.py"},
+    "slack_sdk": {"notify/slack.py"},
+    "openai": {"llm.py"},
+    "docker": {"actions/docker_prune.py"},
+    "sqlite3": {"store.py"},
+}
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(prefix + name)
+        for candidate in getattr(info.annotation, "__args__", (info.annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                names |= _fields(candidate, f"{prefix}{name}.")
+    return names
+
+
+def _present(data: object, prefix: str = "") -> set[str]:
+    if not isinstance(data, dict):
+        return set()
+    names = set()
+    for key, value in data.items():
+        names.add(prefix + key)
+        names |= _present(value, f"{prefix}{key}.")
+    return names
+
+
+def test_the_example_config_is_valid_and_shows_every_option() -> None:
+    settings = load_settings(REPO / "examples" / "config.yaml")
+    shown = _present(settings.model_dump(exclude_unset=True))
+    missing = _fields(Settings) - shown
+    assert not missing, f"examples/config.yaml does not show: {sorted(missing)}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_each_sharp_library_is_imported_by_one_module_only() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("testing/"):
+            continue  # test fixtures (fleet, dockerd) drive the real tools directly
+        for library in _imports(path) & BOUNDARIES.keys():
+            if relative not in BOUNDARIES[library]:
+                offenders.append(f"{relative} imports {library}")
+    assert not offenders, offenders
