@@ -8,6 +8,7 @@ are compiled once and cached per `Templates` instance, which lives for one run (
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from maintenancebot.errors import TemplateError
+
+# A value that is one expression and nothing else: `"{{ files }}"`, not `"{{ a }}/{{ b }}"`.
+_WHOLE_EXPRESSION = re.compile(r"^\s*\{\{((?:(?!\{\{|\}\}).)*)\}\}\s*$", re.DOTALL)
 
 
 class _Raw(str):
@@ -102,6 +106,10 @@ class Templates:
     def render_value(self, value: Any, context: Mapping[str, Any]) -> Any:
         """Render every string inside an action's arguments (dicts and lists recursively)."""
         if isinstance(value, str):
+            whole = _WHOLE_EXPRESSION.match(value)
+            if whole is not None:
+                # `files: "{{ cert_files }}"` passes the list itself, not its text (as Ansible).
+                return self.value_of(whole.group(1), context)
             return self.render_text(value, context) if ("{{" in value or "{%" in value) else value
         if isinstance(value, Mapping):
             return {key: self.render_value(item, context) for key, item in value.items()}
@@ -110,12 +118,18 @@ class Templates:
         return value
 
     def evaluate(self, expression: str, context: Mapping[str, Any]) -> bool:
+        return bool(self.value_of(expression, context))
+
+    def value_of(self, expression: str, context: Mapping[str, Any]) -> Any:
         compiled = self._expressions.get(expression)
         if compiled is None:
             compiled = self._expressions[expression] = _guard(
                 lambda: _TEXT.compile_expression(expression, undefined_to_none=False)
             )
-        return bool(_guard(lambda: compiled(**context)))
+        value = _guard(lambda: compiled(**context))
+        if isinstance(value, jinja2.Undefined):
+            _guard(lambda: str(value))  # raises the StrictUndefined error with its hint
+        return value
 
     def names(self, source: str, *, expression: bool = False) -> frozenset[str]:
         key = (source, expression)

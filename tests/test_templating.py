@@ -48,3 +48,15 @@ def test_syntax_errors_are_reported_without_rendering() -> None:
 def test_referenced_names_lists_top_level_variables() -> None:
     names = referenced_names("x.stdout | int > limit and host.name == 'a'", expression=True)
     assert names == {"x", "limit", "host"}
+
+
+def test_an_argument_that_is_one_expression_keeps_its_type() -> None:
+    templates = Templates()
+    context = {"files": ["/a", "/b"], "days": 7, "root": "/srv", "name": "it's"}
+    rendered = templates.render_value(
+        {"files": "{{ files }}", "age": " {{ days * 2 }} ", "path": "{{ root }}/{{ name }}",
+         "name": "{{ name }}", "plain": "no template"}, context)
+    assert rendered == {"files": ["/a", "/b"], "age": 14, "path": "/srv/it's", "name": "it's",
+                        "plain": "no template"}
+    with pytest.raises(TemplateError, match="missing"):
+        templates.render_value("{{ missing }}", context)
