@@ -1,0 +1,1 @@
+"""Programs sent to hosts as text (stdlib only, Python 3.6+); they never import maintenancebot."""
