@@ -192,7 +192,7 @@ class HostRun:
             return self._decide(index, step, StepStatus.REFUSED, command=command, reason=(
                 f"action {step.action!r} cannot preview itself; refused in a dry-run"))
         row = self.store.step_started(self.run_id, self.host.name, index, step.name,
-                                      kind="probe", command=command)
+                                      command=command)
         try:
             report = action.preview(transport, args, self._action_context(index, step))
         except TransportError as exc:

@@ -75,3 +75,16 @@ def test_each_sharp_library_is_imported_by_one_module_only() -> None:
             if relative not in BOUNDARIES[library]:
                 offenders.append(f"{relative} imports {library}")
     assert not offenders, offenders
+
+
+def test_every_builtin_action_is_known_even_after_one_was_imported_alone() -> None:
+    import subprocess
+    import sys
+
+    code = ("import maintenancebot.actions.backup_check\n"
+            "from maintenancebot.actions import known_actions\n"
+            "print(' '.join(known_actions()))")
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split()
+    expected = {p.stem for p in (PACKAGE / "actions").glob("[a-z]*.py")}
+    assert set(names) == expected

@@ -68,25 +68,33 @@ def register_action(action: Action) -> Action:
     return action
 
 
+_builtins_loaded = False
+
+
 def _load_builtin_actions() -> None:
-    """Import the action modules so they register themselves (kept lazy for CLI start-up)."""
+    """Import the action modules so they register themselves (kept lazy for CLI start-up).
+
+    A flag, not `if not ACTIONS`: importing one action module directly (the digest reads
+    backup_check's types) registers it alone, and the others must still be found."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
     import importlib
     import pkgutil
 
     for module in pkgutil.iter_modules(__path__):
         if module.name != "remote":
             importlib.import_module(f"{__name__}.{module.name}")
+    _builtins_loaded = True
 
 
 def get_action(name: str) -> Action | None:
-    if not ACTIONS:
-        _load_builtin_actions()
+    _load_builtin_actions()
     return ACTIONS.get(name)
 
 
 def known_actions() -> list[str]:
-    if not ACTIONS:
-        _load_builtin_actions()
+    _load_builtin_actions()
     return sorted(ACTIONS)
 
 

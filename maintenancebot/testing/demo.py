@@ -12,6 +12,7 @@ demo never touches the machine's own /var.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -104,14 +105,33 @@ def seed(fleet: Fleet) -> None:
 def write_files(fleet: Fleet, workdir: Path) -> Path:
     state = workdir / "state"
     inventory = workdir / "inventory.yaml"
-    inventory.write_text(
-        fleet.inventory_yaml()
-        # The first host pretends its disk is full, so the demo's cleanup step really runs.
-        .replace(f"vars: {{root: ", "vars: {disk_threshold_pct: 0, root: ", 1))
+    inventory.write_text(demo_inventory(fleet))
     config = workdir / "config.yaml"
     config.write_text(fleet.config_yaml(state, runbooks=REPO / "runbooks", inventory=inventory))
     print(f"  config:    {config}\n  inventory: {inventory}\n  state:     {state}")
     return config
+
+
+def demo_inventory(fleet: Fleet, docker_socket: str | None = None) -> str:
+    """The fleet's inventory, with the vars that point the example runbooks at each host's
+    root directory instead of the machine's real /var, /srv and /etc."""
+    lines = fleet.inventory_yaml().split("\nhosts:\n")[0].splitlines() + ["hosts:"]
+    for number, name in enumerate(fleet.names):
+        host = fleet.host(name)
+        root = str(fleet.root(name))
+        host_vars = {
+            "root": root,
+            # fleet-health: the first host pretends its disk is full, so the cleanup really runs
+            "disk_threshold_pct": 0 if number == 0 else 80,
+            # rolling-restart: no systemd here, so a marker file plays the service
+            "service_manager": "command", "health_url": None,
+            "service_status": f"test -f {root}/run/app.running",
+            "service_start": f"mkdir -p {root}/run && touch {root}/run/app.running",
+            "service_stop": f"rm -f {root}/run/app.running",
+        }
+        entry = {"address": host.address, "port": host.port, "vars": host_vars}
+        lines.append(f"  {name}: {json.dumps(entry)}")
+    return "\n".join(lines) + "\n"
 
 
 def bot() -> str:
