@@ -899,9 +899,10 @@ def restore_entry(tfd: "int", tdir: "bytes", entry: "Json", roots: "list[bytes]"
     report["restored"].append(dict(show(orig), size=entry["size"], type=entry["type"]))
 
 
-def remove_tree(pfd: "int", name: "bytes", dev: "int", totals: "list[int]", dry: "bool"
-                ) -> "None":
-    """rm -r without following links: symlinks are unlinked as links, never entered."""
+def remove_tree(pfd: "int", name: "bytes", dev: "int", totals: "list[int]", dry: "bool",
+                top: "bool" = True) -> "None":
+    """rm -r without following links: symlinks are unlinked as links, never entered. Counts
+    the files and bytes it frees (the trash dir's own manifest frees bytes, not a file)."""
     fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
     try:
         if os.fstat(fd).st_dev != dev:
@@ -909,11 +910,11 @@ def remove_tree(pfd: "int", name: "bytes", dev: "int", totals: "list[int]", dry:
         for sub in sorted(os.fsencode(n) for n in os.listdir(fd)):
             st = os.lstat(sub, dir_fd=fd)
             if stat.S_ISDIR(st.st_mode):
-                remove_tree(fd, sub, dev, totals, dry)
+                remove_tree(fd, sub, dev, totals, dry, top=False)
                 continue
             if not dry:
                 os.unlink(sub, dir_fd=fd)
-            totals[0] += 1
+            totals[0] += 0 if top and sub == MANIFEST else 1
             totals[1] += st.st_size if stat.S_ISREG(st.st_mode) else 0
     finally:
         os.close(fd)
