@@ -214,10 +214,11 @@ sys.stdout.write(json.dumps(_report, sort_keys=True) + "\\n")
 def test_a_directory_swapped_for_a_symlink_mid_run_cannot_redirect_a_move(
         transport: Transport, base: Path, root: Path) -> None:
     deep = root / "app" / "sub" / "deep"
-    decoy = base / "outside" / "deep"  # same names as the swapped dir: a followed link hits it
+    # The decoy holds a hard link to the very file the scan chose: same inode, same size and
+    # mtime, so only the directory checks (no link followed, same parent) can tell them apart.
+    decoy = base / "outside" / "deep"
     decoy.mkdir()
-    (decoy / "older.log").write_bytes(b"outside, must stay\n")
-    os.utime(decoy / "older.log", (1, 1))
+    os.link(deep / "older.log", decoy / "older.log")
     before = files_digest(base)
     source = program().replace('if __name__ == "__main__":\n    main()',
                                SWAP_MAIN.format(dir=str(deep), target=str(decoy)))
@@ -234,7 +235,7 @@ def test_a_directory_swapped_for_a_symlink_mid_run_cannot_redirect_a_move(
     assert f"{deep}/older.log" not in {f["path"] for f in answer["files"]}
     after = files_digest(base)
     assert outside_of(after, "root") == outside_of(before, "root")  # the decoy is untouched
-    assert (decoy / "older.log").read_bytes() == b"outside, must stay\n"
+    assert (decoy / "older.log").read_bytes() == b"deeper\n"
     assert after["root/app/sub/deep.away/older.log"] == before["root/app/sub/deep/older.log"]
     # Everything else moved, and comes back.
     undo = raw(transport, {"op": "restore", "trash_dir": answer["trash_dir"],

@@ -1,0 +1,138 @@
+"""The safe_delete host program on its own, run locally through `handle()` (and once through old
+interpreters as the hosts would run it): the rules that do not need a network to be shown."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from maintenancebot.actions.remote.safe_delete import handle
+from maintenancebot.actions.safe_delete import program
+from tests.trees import BAD_UTF8, MOVABLE, aged, build_hostile, files_digest, without_trash
+
+OLD_PYTHONS = [Path.home() / f".pyenv/versions/{v}/bin/python{v[:3]}"
+               for v in ("3.6.15", "3.7.16", "3.8.18", "3.9.18")]
+
+
+def trash(root: Path, **extra: object) -> dict[str, object]:
+    return handle({"op": "trash", "paths": [f"{root}/**"], "within": [str(root)],
+                   "trash_id": ["run", "0"], **extra})
+
+
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda p: p.name)
+def test_the_program_runs_on_old_pythons_in_the_c_locale(tmp_path: Path, python: Path) -> None:
+    if not python.exists():
+        pytest.skip(f"{python} is not installed here")
+    root = build_hostile(tmp_path / "base")
+    before = files_digest(tmp_path / "base")
+
+    def run(request: dict[str, object]) -> dict[str, object]:
+        done = subprocess.run([str(python), "-I", "-c", program()], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={"LC_ALL": "C", "PATH": "/usr/bin"})
+        answer: dict[str, object] = json.loads(done.stdout)
+        assert done.returncode == (0 if answer["ok"] else 1), done.stderr
+        return answer
+
+    moved = run({"op": "trash", "paths": [f"{root}/**"], "within": [str(root)],
+                 "trash_id": ["old", "0"]})
+    assert moved["ok"] and moved["count"] == len(MOVABLE), moved["error"]
+    assert not (root / "app" / BAD_UTF8).exists()
+    back = run({"op": "restore", "trash_dir": moved["trash_dir"], "within": [str(root)]})
+    assert back["ok"] and back["count"] == len(MOVABLE)
+    assert without_trash(files_digest(tmp_path / "base")) == before
+
+
+@pytest.mark.parametrize("plant", ["world-writable", "other-owner"])
+def test_a_planted_trash_dir_is_never_used(tmp_path: Path, plant: str) -> None:
+    root = build_hostile(tmp_path / "base")
+    planted = root / ".maintenancebot-trash"
+    planted.mkdir()
+    if plant == "world-writable":
+        planted.chmod(0o777)
+    elif os.geteuid() == 0:
+        os.chown(planted, 4321, 4321)
+    else:
+        pytest.skip("needs root to give the dir another owner")
+    before = files_digest(tmp_path / "base")
+    report = trash(root)
+    assert not report["ok"] and "not private" in str(report["error"])
+    assert files_digest(tmp_path / "base") == before
+
+
+def test_a_forged_manifest_cannot_make_a_restore_write_outside_the_roots(tmp_path: Path) -> None:
+    root = build_hostile(tmp_path / "base")
+    report = trash(root, paths=[f"{root}/app/old.log"])
+    assert report["ok"] and report["count"] == 1
+    manifest_path = root / ".maintenancebot-trash" / "run" / "0" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    evil = tmp_path / "base" / "outside" / "cron-job"
+    manifest["files"][0]["path_b64"] = base64.b64encode(str(evil).encode()).decode()
+    manifest_path.write_text(json.dumps(manifest))
+    back = handle({"op": "restore", "trash_dir": report["trash_dir"], "within": [str(root)]})
+    assert not back["ok"] and "outside the within roots" in str(back["errors"])
+    assert not evil.exists()
+
+
+def test_purge_unlinks_a_symlink_in_the_trash_and_never_follows_it(tmp_path: Path) -> None:
+    root = build_hostile(tmp_path / "base")
+    now = time.time()
+    report = trash(root, paths=[f"{root}/app/old.log"], now=now)
+    assert report["ok"] and report["count"] == 1
+    files = root / ".maintenancebot-trash" / "run" / "0" / "files"
+    (files / "planted").symlink_to(tmp_path / "base" / "outside")
+    before = files_digest(tmp_path / "base" / "outside")
+    gone = handle({"op": "purge", "trash_base": str(root / ".maintenancebot-trash"),
+                   "retention": 3600, "now": now + 3601})
+    assert gone["ok"] and gone["count"] == 2, gone  # the file and the link
+    assert not (root / ".maintenancebot-trash" / "run").exists()
+    assert files_digest(tmp_path / "base" / "outside") == before
+
+
+def test_purge_keeps_what_is_younger_than_retention_and_other_runs(tmp_path: Path) -> None:
+    root = build_hostile(tmp_path / "base")
+    now = time.time()
+    assert trash(root, paths=[f"{root}/app/old.log"], now=now)["count"] == 1
+    assert handle({"op": "trash", "paths": [f"{root}/app/owned.log"], "within": [str(root)],
+                   "trash_id": ["other", "0"], "now": now - 1000})["count"] == 1
+    base = str(root / ".maintenancebot-trash")
+    young = handle({"op": "purge", "trash_base": base, "retention": 10, "now": now + 5,
+                    "runs": ["run"]})
+    assert young["ok"] and young["kept"] == 1 and young["purged"] == []
+    named = handle({"op": "purge", "trash_base": base, "retention": 10, "now": now + 11,
+                    "runs": ["run"]})
+    assert [p["dir"] for p in named["purged"]] == [f"{base}/run/0"]
+    assert (root / ".maintenancebot-trash" / "other" / "0" / "manifest.json").is_file()
+
+
+def test_a_file_replaced_between_scan_and_move_is_left_alone(tmp_path: Path) -> None:
+    root = build_hostile(tmp_path / "base")
+    target = root / "app" / "old.log"
+
+    def replace() -> None:
+        target.unlink()
+        aged(target, b"a different file, same name and age\n")
+
+    report = handle({"op": "trash", "paths": [str(target)], "within": [str(root)],
+                     "trash_id": ["run", "0"]}, after_scan=replace)
+    assert report["ok"] and report["count"] == 0
+    assert report["skipped"][0]["rule"].startswith("changed-during-run")
+    assert target.read_bytes() == b"a different file, same name and age\n"
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "trash", "paths": ["relative/*"], "within": ["/tmp"], "trash_id": ["a", "b"]},
+    {"op": "trash", "paths": ["/tmp/x/*"], "within": ["/tmp/x"], "trash_id": ["..", "b"]},
+    {"op": "restore", "trash_dir": "/tmp/not-a-trash", "within": ["/tmp"]},
+    {"op": "purge", "trash_base": "/tmp/.maintenancebot-trash/run", "retention": 0},
+    {"op": "rm -rf"},
+])
+def test_malformed_requests_are_refused_whole(request_: dict[str, object]) -> None:
+    report = handle(request_)
+    assert not report["ok"] and report["error"] and report["count"] == 0
