@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := openssh-server openssh-client sudo
+DEBIAN_PACKAGES := openssh-server openssh-client sudo systemd
 
 .PHONY: demo test setup system-deps lint bench clean
 

@@ -74,7 +74,9 @@ class Engine:
             statuses.update(self._run_batch(plan, batch, run_id, dry_run, control, run_vars))
             if number < len(plan.batches) and not dry_run:
                 self._check_batch(plan, number, batch, statuses, control)
-        status = _final_status(statuses, control.abort_reason, dry_run)
+        # A controller shutting down (daemon SIGTERM) interrupts; nobody aborted the run.
+        status = (RunStatus.INTERRUPTED if control.interrupted
+                  else _final_status(statuses, control.abort_reason, dry_run))
         self._store.finish_run(run_id, status, control.abort_reason)
         return RunOutcome(run_id, status, control.abort_reason, statuses, dry_run)
 

@@ -33,6 +33,29 @@ Observer = Callable[[Event], None]
 _HOST_FAILURES = {HostStatus.FAILED, HostStatus.UNREACHABLE}
 
 
+class ProcessStop:
+    """This process is shutting down (the daemon got SIGTERM): every run it holds halts before
+    its next step and ends `interrupted`, not `aborted` — nobody decided against the run, the
+    controller went away. Process-wide by nature, like the signal that sets it; the store's kill
+    switch is the fleet-wide twin. A signal handler may call `request`: it only sets a field."""
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self._reason = self._reason or reason
+
+    def clear(self) -> None:
+        self._reason = None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+
+PROCESS_STOP = ProcessStop()
+
+
 class RunControl:
     def __init__(
         self,
@@ -55,7 +78,15 @@ class RunControl:
         self._observer = observer
         self._lock = threading.Lock()
         self._failures = 0
+        self.contained_failures: set[str] = set()
         self._abort_reason: str | None = None
+        self._interrupted = False
+
+    @property
+    def interrupted(self) -> bool:
+        """True when this process's shutdown halted the run (see `ProcessStop`)."""
+        with self._lock:
+            return self._interrupted
 
     @property
     def abort_reason(self) -> str | None:
@@ -69,7 +100,11 @@ class RunControl:
     def halt_reason(self) -> str | None:
         """Why no host may take another step (kill switch, run timeout), checked before each."""
         stop = self._store.stop_state()
-        if stop is not None:
+        if PROCESS_STOP.reason is not None:
+            reason = PROCESS_STOP.reason
+            with self._lock:
+                self._interrupted = True
+        elif stop is not None:
             reason = f"kill switch set by {stop.by}: {stop.reason}"
         elif self._clock() >= self._deadline:
             reason = f"run timeout of {format_duration(self._timeout)} reached"
@@ -86,8 +121,14 @@ class RunControl:
         """A step's timeout, cut so that no step outlives the run's own deadline."""
         return max(1.0, min(timeout, self._deadline - self._clock()))
 
-    def host_finished(self, host: str, status: HostStatus) -> None:
-        if status in _HOST_FAILURES:
+    def host_finished(self, host: str, status: HostStatus, *, contained: bool = False) -> None:
+        """`contained`: the host failed only in steps marked `on_failure: continue` (checks
+        that alert): reported as failed, but it neither trips the breaker nor stops a rollout,
+        because it says nothing about whether this run's changes are safe."""
+        if contained:
+            with self._lock:
+                self.contained_failures.add(host)
+        elif status in _HOST_FAILURES:
             with self._lock:
                 self._failures += 1
                 tripped = self._max_failures is not None and self._failures > self._max_failures

@@ -132,6 +132,42 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX llm_usage_by_day ON llm_usage(day);
     CREATE INDEX llm_usage_by_run ON llm_usage(run_id);
     """,
+    # The daemon's schedule. `schedule_state.handled_until` is the newest fire time of each
+    # runbook that has a decision, so a restart knows what it missed without in-memory state;
+    # UNIQUE(runbook, fire_time) makes a second decision on one fire (a restart, a second
+    # daemon) fail in SQLite instead of running the runbook twice. `host_leases` keeps a host
+    # out of two daemon runs at once; the holder's pid/start time/boot id let a dead holder's
+    # lease be reclaimed.
+    """
+    CREATE TABLE schedule_state (
+        runbook       TEXT PRIMARY KEY,
+        handled_until TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+
+    CREATE TABLE schedule_fires (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        runbook    TEXT NOT NULL,
+        fire_time  TEXT NOT NULL,
+        decided_at TEXT NOT NULL,
+        decision   TEXT NOT NULL,
+        reason     TEXT,
+        run_id     TEXT,
+        UNIQUE (runbook, fire_time)
+    );
+    CREATE INDEX schedule_fires_by_decided ON schedule_fires(decided_at);
+
+    CREATE TABLE host_leases (
+        host        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        runbook     TEXT NOT NULL,
+        controller  TEXT,
+        pid         INTEGER NOT NULL,
+        proc_start  TEXT,
+        boot_id     TEXT,
+        acquired_at TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -213,6 +249,19 @@ class AuditRecord:
     host: str | None
     actor: str | None
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FireRecord:
+    """What the daemon decided about one scheduled fire time of a runbook."""
+
+    id: int
+    runbook: str
+    fire_time: datetime
+    decided_at: datetime
+    decision: str  # started | late | skipped | missed | failed
+    reason: str | None
+    run_id: str | None
 
 
 @dataclass(frozen=True)
@@ -617,7 +666,124 @@ class RunStore:
                                                prompt_tokens, completion_tokens))
 
 
+    # ------------------------------------------------------------------------------ schedule
+
+    def handled_until(self, runbook: str) -> datetime | None:
+        """The newest fire time of `runbook` that already has a decision (None: never seen)."""
+        rows = self._query("SELECT handled_until FROM schedule_state WHERE runbook = ?",
+                           (runbook,))
+        return _when(rows[0]["handled_until"]) if rows else None
+
+    def set_handled_until(self, runbook: str, moment: datetime) -> None:
+        """Move the mark forward (never back): fires up to `moment` count as decided."""
+        with self._tx() as db:
+            _advance(db, runbook, moment)
+
+    def claim_fire(self, runbook: str, fire_time: datetime, decision: str,
+                   reason: str | None = None) -> int | None:
+        """Record the decision on one scheduled fire; None if that fire was decided before.
+
+        Written before the run starts, so a crash mid-run leaves a decided fire: nothing is
+        re-run on restart (DESIGN §5, Crash)."""
+        moment = fire_time.astimezone(UTC).isoformat()
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO schedule_fires (runbook, fire_time, decided_at, decision,"
+                " reason) VALUES (?,?,?,?,?)",
+                (runbook, moment, utc_now(), decision, self._text(reason)))
+            if cursor.rowcount == 0:
+                return None
+            _advance(db, runbook, fire_time)
+            self._audit(db, f"schedule.{decision}", actor="daemon",
+                        details={"runbook": runbook, "fire_time": moment,
+                                 "reason": self._text(reason)})
+            return int(cursor.lastrowid or 0)
+
+    def update_fire(self, fire_id: int, *, decision: str | None = None,
+                    reason: str | None = None, run_id: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE schedule_fires SET decision = COALESCE(?, decision), "
+                       "reason = COALESCE(?, reason), run_id = COALESCE(?, run_id) WHERE id = ?",
+                       (decision, self._text(reason), run_id, fire_id))
+            if decision is not None:
+                self._audit(db, f"schedule.{decision}", run_id=run_id, actor="daemon",
+                            details={"fire": fire_id, "reason": self._text(reason)})
+
+    def fires(self, runbook: str | None = None, limit: int = 100) -> list[FireRecord]:
+        """Schedule decisions, oldest first."""
+        clause, params = ("WHERE runbook = ?", [runbook]) if runbook else ("", [])
+        rows = self._query(f"SELECT * FROM schedule_fires {clause} ORDER BY id DESC LIMIT ?",
+                           (*params, limit))
+        return [FireRecord(id=r["id"], runbook=r["runbook"],
+                           fire_time=_when(r["fire_time"]) or datetime.now(UTC),
+                           decided_at=_when(r["decided_at"]) or datetime.now(UTC),
+                           decision=r["decision"], reason=r["reason"], run_id=r["run_id"])
+                for r in reversed(rows)]
+
+    # ------------------------------------------------------------------------------ leases
+
+    def acquire_hosts(self, hosts: Sequence[str], holder: str, runbook: str) -> dict[str, str]:
+        """Lease all of `hosts` to `holder`, or none: returns {host: who holds it} on conflict.
+
+        All-or-nothing in one transaction, so two runs waiting for each other's hosts cannot
+        deadlock. A lease whose process is gone is reclaimed (and audited); a host in a live
+        run started elsewhere (a CLI run) counts as held too."""
+        me = socket.gethostname()
+        with self._tx() as db:
+            busy: dict[str, str] = {}
+            for host in hosts:
+                row = db.execute("SELECT * FROM host_leases WHERE host = ?", (host,)).fetchone()
+                if row is None:
+                    continue
+                if row["controller"] in (None, me) and not _alive(
+                        row["pid"], row["proc_start"], row["boot_id"]):
+                    db.execute("DELETE FROM host_leases WHERE host = ?", (host,))
+                    self._audit(db, "lease.reclaimed", host=host,
+                                details={"holder": row["holder"], "pid": row["pid"]})
+                else:
+                    busy[host] = row["holder"]
+            busy.update(self._hosts_in_live_runs(db, hosts, me))
+            if busy:
+                return busy
+            pid = os.getpid()
+            db.executemany(
+                "INSERT INTO host_leases (host, holder, runbook, controller, pid, proc_start,"
+                " boot_id, acquired_at) VALUES (?,?,?,?,?,?,?,?)",
+                [(host, holder, runbook, me, pid, _process_start(pid), _boot_id(), utc_now())
+                 for host in hosts])
+            return {}
+
+    def _hosts_in_live_runs(self, db: sqlite3.Connection, hosts: Sequence[str],
+                            me: str) -> dict[str, str]:
+        busy = {}
+        wanted = set(hosts)
+        for row in db.execute(
+                "SELECT r.id, r.pid, r.proc_start, r.boot_id, r.controller, h.host FROM runs r "
+                "JOIN hosts h ON h.run_id = r.id WHERE r.status = ? AND r.dry_run = 0",
+                (str(RunStatus.RUNNING),)):
+            if row["host"] not in wanted:
+                continue
+            dead = row["controller"] in (None, me) and row["pid"] is not None and not _alive(
+                row["pid"], row["proc_start"], row["boot_id"])
+            if not dead:
+                busy[row["host"]] = f"run {row['id']}"
+        return busy
+
+    def release_hosts(self, holder: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM host_leases WHERE holder = ?", (holder,))
+
+
 # ----------------------------------------------------------------------------------- rows
+
+
+def _advance(db: sqlite3.Connection, runbook: str, moment: datetime) -> None:
+    value = moment.astimezone(UTC).isoformat()
+    row = db.execute("SELECT handled_until FROM schedule_state WHERE runbook = ?",
+                     (runbook,)).fetchone()
+    if row is None or datetime.fromisoformat(row["handled_until"]) < moment:
+        db.execute("INSERT OR REPLACE INTO schedule_state (runbook, handled_until, updated_at) "
+                   "VALUES (?,?,?)", (runbook, value, utc_now()))
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,53 @@
+"""`maintenancebot daemon`: the scheduler in the foreground, as systemd (Type=notify) runs it.
+
+Only the command line lives here (options, logging to the journal, exit codes); the daemon
+itself is `maintenancebot.daemon`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from maintenancebot.cli import _clean_errors, _State, cli, pass_state
+from maintenancebot.models import parse_duration
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@cli.command()
+@click.option("--poll", "poll", default="2s", show_default=True, callback=_duration,
+              help="How often to look for edits of the runbooks and the inventory.")
+@click.option("--stop-timeout", default="60s", show_default=True, callback=_duration,
+              help="On SIGTERM, how long running steps may take to finish (keep it below "
+                   "the unit's TimeoutStopSec).")
+@pass_state
+@_clean_errors
+def daemon(state: _State, poll: float, stop_timeout: float) -> None:
+    """Run the scheduler in the foreground (what systemd runs).
+
+    \b
+    Schedules every runbook with a `schedule` in the runbooks directory, in its `timezone`.
+    A fire missed while the daemon was down runs once at start if within `misfire_grace`
+    (marked late); older misses are recorded and reported. A runbook never overlaps itself,
+    and a host is never in two runs at once (a run waits for busy hosts until its window
+    closes). Edits of runbooks and inventory are picked up after they settle, and on SIGHUP;
+    an invalid file is reported and its last valid version keeps its schedule.
+    SIGTERM: running steps finish, no new step starts, runs are recorded interrupted; exit 0.
+    """
+    from maintenancebot.daemon import Daemon
+
+    # The journal adds timestamps; one line per record, INFO and up, so decisions are visible.
+    root = logging.getLogger()
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    sys.exit(Daemon(state.settings, poll_interval=poll, stop_timeout=stop_timeout).serve())
