@@ -96,10 +96,13 @@ def collect_changes(hosts: list[Doc], limit: int) -> list[Change]:
     for host in hosts:
         for step in host.get("steps") or []:
             details = step.get("details") if isinstance(step.get("details"), dict) else {}
-            if step.get("status") not in _CHANGE_STATUSES or not (details or step.get("changed")):
+            # A change is what a step did (changed) or, in a dry-run, would do; a read-only
+            # check that reported facts changed nothing and belongs under alerts, not here.
+            changed = bool(step.get("changed")) or step.get("status") == "would_run"
+            if step.get("status") not in _CHANGE_STATUSES or not changed:
                 continue
             tally = per_step.setdefault(str(step.get("name")), _Tally())
-            tally.add(str(host.get("host")), bool(step.get("changed")), details)
+            tally.add(str(host.get("host")), changed, details)
     changes = [Change(step, host_set(t.changed_hosts, limit), t.facts())
                for step, t in per_step.items()]
     return [c for c in changes if c.hosts.total or c.facts]

@@ -111,7 +111,8 @@ class Engine:
     ) -> None:
         """A canary that failed, or a failing `between_batches` check, stops the rollout."""
         failed = [name for name in batch
-                  if statuses[name] in (HostStatus.FAILED, HostStatus.UNREACHABLE)]
+                  if statuses[name] in (HostStatus.FAILED, HostStatus.UNREACHABLE)
+                  and name not in control.contained_failures]
         if failed:
             control.abort(f"batch {number} had failures ({', '.join(failed)}); "
                           "later batches not started")

@@ -65,6 +65,7 @@ class HostRun:
     unknown: set[str] = field(default_factory=set)  # registers a dry-run cannot know
     done: list[_Done] = field(default_factory=list)
     status: HostStatus = HostStatus.PENDING
+    contained: bool = False  # failed only in `on_failure: continue` steps
 
     def execute(self) -> HostStatus:
         """Walk every step of this host; returns the host's final status (already recorded)."""
@@ -97,7 +98,8 @@ class HostRun:
                     self._record_unreached(index + 1, f"not reached: step {step.name!r} failed")
                     return self._set_status(HostStatus.FAILED, outcome.error)
         # `continue` keeps the host going, but the failure still counts: a report that hides it
-        # would be worse than one that is red.
+        # would be worse than one that is red. It is contained, though: see host_finished.
+        self.contained = failed
         return self._set_status(HostStatus.FAILED if failed else HostStatus.SUCCEEDED)
 
     # ------------------------------------------------------------------------------ one step
@@ -337,7 +339,7 @@ class HostRun:
         if status is HostStatus.RUNNING:
             self.control.emit(self.host.name, None, status)
         else:
-            self.control.host_finished(self.host.name, status)
+            self.control.host_finished(self.host.name, status, contained=self.contained)
         return status
 
 

@@ -16,7 +16,13 @@ def test_the_demo_validates_plans_runs_and_shows_history(tmp_path: Path) -> None
     assert "== maintenancebot validate" in out and "== maintenancebot history" in out
     assert "DRY RUN: nothing was changed on any host" in out
     assert "needs_approval" in out, "the dry-run shows the gated reboot"
-    # The first host's cleanup really ran: its stale temp file was parked, not deleted.
-    parked = tmp_path / "fleet/hosts/host-01/var/tmp/maintenancebot/parked/build-0.tmp"
-    assert parked.is_file()
-    assert (tmp_path / "fleet/hosts/host-02/var/tmp/build-0.tmp").is_file()
+    first, second = tmp_path / "fleet/hosts/host-01", tmp_path / "fleet/hosts/host-02"
+    # fleet-health parked the first host's stale temp file, then disk-pressure trashed it:
+    # moved into the run's trash, restorable, never deleted.
+    assert not (first / "var/tmp/build-0.tmp").exists()
+    assert [p.name for p in (first / "var/tmp/.maintenancebot-trash").rglob("build-0.tmp")]
+    assert (second / "var/tmp/build-0.tmp").is_file(), "hosts below the threshold keep theirs"
+    # weekly-maintenance compressed yesterday's log and pruned the old one, on every host it ran.
+    logs = sorted(p.name for p in (first / "var/log/app").iterdir() if not p.name.startswith("."))
+    assert logs == ["app.log", "app.log.1.gz", "app.log.2.gz"]
+    assert "== maintenancebot trash list" in out and "Trash old temp files" in out

@@ -177,6 +177,21 @@ def test_a_failed_canary_batch_stops_the_rollout(bench: Bench) -> None:
     assert list(outcome.hosts.values()).count(HostStatus.NOT_STARTED) == len(bench.fleet.names) - 1
 
 
+def test_a_failed_check_marked_continue_is_reported_but_stops_no_rollout(bench: Bench) -> None:
+    """A stale-backup alert on the canary says nothing about whether the change is safe."""
+    outcome = bench.run("""
+        batches: [1, 100%]
+        max_failures: 0
+        steps:
+          - {name: alert, run: 'test {{ host.name }} != host-01', on_failure: continue}
+          - {name: change, run: 'touch {{ root }}/changed'}
+    """)
+    assert outcome.status is RunStatus.FAILED, "reported: the run is red, exit 1"
+    assert outcome.hosts["host-01"] is HostStatus.FAILED
+    assert all(outcome.hosts[name] is HostStatus.SUCCEEDED for name in bench.fleet.names[1:])
+    assert all((bench.fleet.root(name) / "changed").exists() for name in bench.fleet.names)
+
+
 def test_stop_prevents_the_next_step_of_a_running_run(bench: Bench) -> None:
     started = threading.Event()
 

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from maintenancebot.testing.fleet import Fleet
 
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name}  {fleet.host(name).address}:{fleet.host(name).port}  "
                   f"root={fleet.root(name)}")
         seed(fleet)
-        config = write_files(fleet, workdir)
+        docker = start_docker(workdir)
+        config = write_files(fleet, workdir, docker.socket if docker else None)
         env = {**os.environ, "MAINTENANCEBOT_CONFIG": str(config)}
         failures = 0
         for command, expected in script(fleet):
@@ -66,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"(the hosts stop now; `{sys.executable} -m maintenancebot.testing.demo "
                   "--keep` keeps them up)")
+    if docker is not None:
+        docker.stop()
     return 1 if failures else 0
 
 
@@ -78,34 +82,91 @@ def script(fleet: Fleet) -> list[tuple[list[str], set[int]]]:
         # The last host has a pending reboot, and the reboot step waits for a human: the demo
         # runs the real thing on the others, and shows the gate in the dry-run above.
         (["run", "fleet-health", "--hosts", f"!{last}"], {0}),
-        (["history", "--limit", "5"], {0}),
+        # The weekly job, dry-run first: the real packages (apt-get -s of this machine), log
+        # files, Docker images, backups and certificates, host by host.
+        # host-02's backup is three days old: its check fails (exit 1), and the summary says so.
+        (["plan", "weekly-maintenance"], {1}),
+        # The demo hosts share this machine's apt: the demo never upgrades your packages.
+        (["run", "weekly-maintenance", "--var", "apply_patches=false", "--hosts", f"!{last}"],
+         {1}),
+        # The first host pretends its disk is full: old temp files and the apt cache go to trash.
+        (["run", "disk-pressure"], {0}),
+        (["trash", "list"], {0}),
+        (["history", "--limit", "8"], {0}),
     ]
 
 
+def start_docker(workdir: Path) -> Any:
+    """A private dockerd with a few images for docker_prune, when this machine can run one."""
+    from maintenancebot.testing.dockerd import Dockerd, DockerdError
+
+    daemon = Dockerd(workdir / "dockerd")
+    try:
+        daemon.start()
+    except DockerdError as exc:
+        print(f"  (no Docker clean-up in this demo: {exc})")
+        return None
+    daemon.import_image("demo/web:1", {"index.html": b"v1"})
+    daemon.create_container("demo/web:1", name="web")        # in use: kept
+    daemon.import_image("demo/web:0", {"index.html": b"v0"})  # unused: removed
+    daemon.import_image("demo/batch:2024", {"job.sh": b"echo batch\n"})
+    print(f"  dockerd for host-01 at {daemon.socket}")
+    return daemon
+
+
 def seed(fleet: Fleet) -> None:
-    """Give the hosts something to find: stale temp files, old logs, a pending reboot."""
+    """Give the hosts something to find: stale temp files, logs of every age, backups,
+    certificates near and far from expiry, a package cache, a pending reboot."""
     now = time.time()
+
+    def aged(path: Path, days: float, content: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        os.utime(path, (now - days * DAY, now - days * DAY))
+
     for number, name in enumerate(fleet.names):
         root = fleet.root(name)
-        for directory in ("var/tmp", "var/log/app", "var/run", "srv/backups"):
+        for directory in ("var/tmp", "var/run", "tmp"):
             (root / directory).mkdir(parents=True, exist_ok=True)
         for age in range(number + 1):
-            stale = root / "var/tmp" / f"build-{age}.tmp"
-            stale.write_text("scratch\n" * 100)
-            os.utime(stale, (now - (20 + age) * DAY, now - (20 + age) * DAY))
-        for days in (1, 9, 15, 40):
-            log = root / "var/log/app" / f"app-{days}d.log"
-            log.write_text(f"log line from {days} days ago\n" * 50)
-            os.utime(log, (now - days * DAY, now - days * DAY))
-        backup = root / "srv/backups" / "db-nightly.tar.gz"
-        backup.write_bytes(os.urandom(4096))
+            aged(root / f"var/tmp/build-{age}.tmp", 20 + age, b"scratch\n" * 100)
+        aged(root / "var/tmp/session.lock", 0.1, b"in use\n")           # too young to touch
+        aged(root / "var/log/app/app.log", 0, b"today\n" * 200)         # live: never touched
+        aged(root / "var/log/app/app.log.1", 2, b"two days ago\n" * 200)    # compressed
+        aged(root / "var/log/app/app.log.2.gz", 12, os.urandom(512))       # kept (< 30 days)
+        aged(root / "var/log/app/app.log.3.gz", 45, os.urandom(512))       # pruned
+        aged(root / "var/cache/apt/archives/openssl_3.0.15-1_amd64.deb", 3, os.urandom(2048))
+        # The second host's nightly backup did not run for three days: an alert, not a failure.
+        aged(root / "srv/backups/db-nightly.tar.gz", 3 if number == 1 else 0.2, os.urandom(4096))
+        aged(root / "etc/letsencrypt/live/site/fullchain.pem", 0,
+             certificate(f"{name}.example", days=10 if number == 0 else 80))
     (fleet.root(fleet.names[-1]) / "var/run/reboot-required").write_text("*** System restart\n")
 
 
-def write_files(fleet: Fleet, workdir: Path) -> Path:
+def certificate(common_name: str, days: int) -> bytes:
+    """A self-signed certificate expiring in `days` (cryptography comes with the dev extra)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=days, hours=12))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_files(fleet: Fleet, workdir: Path, docker_socket: str | None = None) -> Path:
     state = workdir / "state"
     inventory = workdir / "inventory.yaml"
-    inventory.write_text(demo_inventory(fleet))
+    inventory.write_text(demo_inventory(fleet, docker_socket))
     config = workdir / "config.yaml"
     config.write_text(fleet.config_yaml(state, runbooks=REPO / "runbooks", inventory=inventory))
     print(f"  config:    {config}\n  inventory: {inventory}\n  state:     {state}")
@@ -121,6 +182,20 @@ def demo_inventory(fleet: Fleet, docker_socket: str | None = None) -> str:
         root = str(fleet.root(name))
         host_vars = {
             "root": root,
+            # weekly-maintenance and disk-pressure: every path inside the host's root
+            "log_dirs": [f"{root}/var/log/app"],
+            "docker_socket": docker_socket if number == 0 and docker_socket
+            else f"{root}/var/run/docker.sock",
+            "docker_min_age": "1s",
+            "backup_dir": f"{root}/srv/backups",
+            "cert_files": [f"{root}/etc/letsencrypt/live/*/fullchain.pem"],
+            "reboot_marker": f"{root}/var/run/reboot-required",
+            "mount": "/", "threshold_pct": 0 if number == 0 else 85,
+            "report_dirs": [f"{root}/var/log", f"{root}/var/tmp", f"{root}/var/cache"],
+            "tmp_dirs": [f"{root}/var/tmp", f"{root}/tmp"],
+            "tmp_globs": [f"{root}/var/tmp/**/*", f"{root}/tmp/**/*"],
+            "cache_dirs": [f"{root}/var/cache/apt/archives"],
+            "cache_globs": [f"{root}/var/cache/apt/archives/*.deb"],
             # fleet-health: the first host pretends its disk is full, so the cleanup really runs
             "disk_threshold_pct": 0 if number == 0 else 80,
             # rolling-restart: no systemd here, so a marker file plays the service
