@@ -395,6 +395,7 @@ def schedule(state: _State, count: int, as_json: bool) -> None:
 
 # Command groups that live in their own modules register themselves on `cli` when imported.
 # (one import line per module, added here)
+from maintenancebot import cli_trash  # noqa: F401
 from maintenancebot import cli_daemon  # noqa: F401
 
 
