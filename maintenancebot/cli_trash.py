@@ -34,7 +34,9 @@ def trash() -> None:
 @_clean_errors
 def list_(state: _State, run_id: str | None, host: str | None, limit: int, as_json: bool
           ) -> None:
-    """List trash entries: run, host, step, files, bytes, state, where they are."""
+    """List trash entries: run, host, step, files, bytes, state, where they are.
+
+    Steps are numbered from 1 as in `show`; --json gives the 0-based `step_index`."""
     from maintenancebot import app
     from maintenancebot.trash import list_entries
 
@@ -46,7 +48,7 @@ def list_(state: _State, run_id: str | None, host: str | None, limit: int, as_js
         out.print(_table(entries))
     else:
         for e in entries:
-            click.echo(f"{e['run_id']}  {e['host']}  step {e['step_index']} {e['step_name']}  "
+            click.echo(f"{e['run_id']}  {e['host']}  step {e['step_index'] + 1} {e['step_name']}  "
                        f"{e['count']} file(s) {human_size(e['bytes'])}  {e['state']}  "
                        f"{e['trash_dir']}")
         if not entries:
@@ -56,7 +58,7 @@ def list_(state: _State, run_id: str | None, host: str | None, limit: int, as_js
 def _table(entries: list[dict[str, Any]]) -> Table:
     table = Table("run", "host", "step", "files", "size", "state", "trash dir", title="trash")
     for e in entries:
-        table.add_row(e["run_id"], e["host"], f"{e['step_index']} {e['step_name']}",
+        table.add_row(e["run_id"], e["host"], f"{e['step_index'] + 1} {e['step_name']}",
                       str(e["count"]), human_size(e["bytes"]), e["state"], e["trash_dir"])
     return table
 

@@ -136,3 +136,31 @@ def test_a_file_replaced_between_scan_and_move_is_left_alone(tmp_path: Path) -> 
 def test_malformed_requests_are_refused_whole(request_: dict[str, object]) -> None:
     report = handle(request_)
     assert not report["ok"] and report["error"] and report["count"] == 0
+
+
+def test_a_trash_that_turns_non_private_mid_run_stops_the_step_and_it_undoes_itself(
+        tmp_path: Path) -> None:
+    from maintenancebot.actions import ActionContext
+    from maintenancebot.actions.safe_delete import SafeDeleteAction, SafeDeleteArgs
+    from maintenancebot.models import Host
+    from maintenancebot.transports.local import LocalTransport
+
+    root = build_hostile(tmp_path / "base")
+    before = files_digest(tmp_path / "base")
+    # Someone made one level of the trash group-writable before the step reached it.
+    planted = (root / ".maintenancebot-trash" / "run-x" / "0" / "files"
+               / str(root).lstrip("/") / "app" / "sub")
+    planted.mkdir(parents=True)
+    for level in [planted, *planted.parents]:
+        if level == root:
+            break
+        level.chmod(0o700)
+    planted.chmod(0o770)
+    report = SafeDeleteAction().apply(
+        LocalTransport(Host(name="here", address="localhost", connection="local")),
+        SafeDeleteArgs.model_validate({"paths": [f"{root}/**"], "within": [str(root)]}),
+        ActionContext(run_id="run-x", step_index=0, step_name="t", sudo=False, timeout=60,
+                      dry_run=False))
+    assert not report.ok and "stopped: trash directory sub is not private" in report.summary
+    assert report.data["count"] > 0 and report.data["undone"] and not report.changed
+    assert without_trash(files_digest(tmp_path / "base")) == before

@@ -272,6 +272,8 @@ class SafeDeleteAction:
         """A failed step leaves nothing half done: whatever it moved goes back at once (the
         engine rolls back completed steps only)."""
         reason = str(answer.get("error"))
+        if data["errors"]:
+            reason += f" ({data['errors'][0]})"
         data = {**data, "error": reason}
         if data.get("trash") and data["count"]:
             try:

@@ -764,7 +764,12 @@ def apply(scan: "Scan", cands: "list[Candidate]", req: "Json", report: "Json") -
     done = []  # type: list[Json]
     try:
         for cand, entry in zip(cands, entries):
-            item = act_on(scan, cand, entry, req, tfd, report)
+            try:
+                item = act_on(scan, cand, entry, req, tfd, report)
+            except Exception as exc:  # noqa: BLE001 -- e.g. the trash turned non-private
+                # Stop at once, but still report what was done, so that it can be undone.
+                report["errors"].append(dict(show(cand.path), error="stopped: " + describe(exc)))
+                break
             if item is not None:
                 done.append(item)
     finally:
@@ -883,6 +888,8 @@ def restore_entry(tfd: "int", tdir: "bytes", entry: "Json", roots: "list[bytes]"
     if entry["state"] not in ("trashed", "pending") or (wanted and not any(
             orig == w or fnmatch.fnmatchcase(orig, w) for w in wanted)):
         return
+    if entry["state"] == "pending" and os.path.lexists(orig):
+        return  # listed before the moves began, and never moved: nothing to bring back
     try:
         restore_one(tfd, tdir, entry, roots)
     except FileNotFoundError:
