@@ -164,3 +164,26 @@ def test_a_trash_that_turns_non_private_mid_run_stops_the_step_and_it_undoes_its
     assert not report.ok and "stopped: trash directory sub is not private" in report.summary
     assert report.data["count"] > 0 and report.data["undone"] and not report.changed
     assert without_trash(files_digest(tmp_path / "base")) == before
+
+
+class NoPython:
+    """A host without python3, as our own Transport interface reports it (the shell's 127)."""
+
+    def run(self, command: object) -> object:
+        from maintenancebot.transports.base import CommandResult
+
+        return CommandResult(127, "", "sh: 1: python3: not found\n", 0.01)
+
+
+def test_a_host_without_python3_fails_the_step_with_a_clear_message() -> None:
+    from maintenancebot.actions import ActionContext
+    from maintenancebot.actions.safe_delete import SafeDeleteAction, SafeDeleteArgs
+
+    report = SafeDeleteAction().apply(
+        NoPython(),  # type: ignore[arg-type]
+        SafeDeleteArgs.model_validate({"paths": ["/srv/x/*"], "within": ["/srv/x"]}),
+        ActionContext(run_id="r", step_index=0, step_name="t", sudo=True, timeout=60,
+                      dry_run=False))
+    assert not report.ok and not report.changed
+    assert report.summary == ("python3 is not installed on the host (safe_delete runs a "
+                              "Python 3.6+ program there)")
