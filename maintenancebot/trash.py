@@ -3,8 +3,9 @@ it (restore a run's files on some hosts, purge what is older than the retention)
 
 Owned here: reading trash entries out of the run store (every `safe_delete`/`logs` step records
 its trash dirs, original roots, counts and bytes in its details), their state (trashed, restored
-by a rollback or by hand, purged) from the rollback rows and the audit trail, and writing the
-audit records of restores and purges. Not here: touching a file. Restores and purges are requests
+by a rollback or by hand, purged by hand or by a later step that purged expired trash on its
+way) from the rollback rows, step details and the audit trail, and writing the audit records of
+restores and purges by hand. Not here: touching a file. Restores and purges are requests
 to the host-side safe_delete program, which keeps the same rules as a deletion (no symlink
 followed, private trash, restores only inside the recorded roots, nothing clobbered); nothing in
 this module prints (that is `cli_trash`).
@@ -29,6 +30,7 @@ from maintenancebot.transports.base import Transport
 TRASH_ACTIONS = ("safe_delete", "logs")
 HOST_TIMEOUT = 600.0  # a restore or purge of a big trash reads and hashes every file
 AUDIT_SCAN = 100_000
+STEP_PURGE_SCAN = 1000  # runs whose steps may have purged expired trash on their way
 
 TransportFactory = Callable[[Host], Transport]
 
@@ -107,8 +109,15 @@ def _entry(run_id: str, step: Any, details: dict[str, Any], trash: dict[str, str
 
 
 def _closed_dirs(store: RunStore) -> dict[tuple[str, str], str]:
-    """(host, trash dir b64) -> restored | purged, from the audit trail (purged wins)."""
+    """(host, trash dir b64) -> restored | purged, from the audit trail (restores and purges by
+    hand) and from the steps that purged expired trash as they went (purged wins)."""
     closed: dict[tuple[str, str], str] = {}
+    for run in store.list_runs(STEP_PURGE_SCAN):
+        if run.dry_run:
+            continue  # a dry-run's "purged" is what it would purge
+        for step in store.get_steps(run.id):
+            for purged in (step.details or {}).get("purged", []):
+                closed[(step.host, purged["dir_b64"])] = "purged"
     for record in store.audit_log(limit=AUDIT_SCAN):
         if record.action not in ("trash.restore", "trash.purge") or not record.host:
             continue

@@ -111,6 +111,7 @@ def test_purge_after_retention_frees_the_trash_and_touches_nothing_else(bench: B
     base = bench.fleet.root(host) / name
     root = build_hostile(base)
     aged(root / "later" / "second.log", b"x" * 5000)
+    op = Operator(bench)
     old_run = bench.run(f"""
         hosts: {host}
         steps:
@@ -119,7 +120,11 @@ def test_purge_after_retention_frees_the_trash_and_touches_nothing_else(bench: B
             with: {{paths: ["{{{{ root }}}}/{name}/root/app/**"],
                     within: ["{{{{ root }}}}/{name}/root"]}}
     """).run_id
-    time.sleep(2.5)
+    kept = op("trash", "purge")  # default retention (7 days): nothing is old enough
+    assert kept.returncode == 0 and "nothing is older than the retention" in kept.stdout
+    # Margins of about two seconds either way: the old run is past 4 s when we purge, the new
+    # one (a run and two CLI calls later) is not.
+    time.sleep(5)
     new_run = bench.run(f"""
         hosts: {host}
         steps:
@@ -131,16 +136,13 @@ def test_purge_after_retention_frees_the_trash_and_touches_nothing_else(bench: B
     old_trash, new_trash = root / TRASH / old_run, root / TRASH / new_run
     assert old_trash.is_dir() and new_trash.is_dir()
     before = files_digest(base)
-    op = Operator(bench)
 
-    kept = op("trash", "purge")  # default retention (7 days): nothing is old enough
-    assert kept.returncode == 0 and "nothing is older than the retention" in kept.stdout
-    preview = op("trash", "purge", "--older-than", "2s", "--dry-run")
+    preview = op("trash", "purge", "--older-than", "4s", "--dry-run")
     assert preview.returncode == 0, preview.stderr
-    assert f"would purge 1 trash dir(s), {len(MOVABLE)} file(s)" in preview.stdout  # + manifest
+    assert f"would purge 1 trash dir(s), {len(MOVABLE)} file(s)" in preview.stdout
     assert files_digest(base) == before
 
-    done = op("trash", "purge", "--older-than", "2s", "--by", "bob")
+    done = op("trash", "purge", "--older-than", "4s", "--by", "bob")
 
     assert done.returncode == 0, done.stderr
     assert f"{host}: ok: purged 1 trash dir(s), {len(MOVABLE)} file(s)" in done.stdout
@@ -158,3 +160,43 @@ def test_purge_after_retention_frees_the_trash_and_touches_nothing_else(bench: B
     assert restored.returncode == 0 and (root / "later" / "second.log").stat().st_size == 5000
     gone = op("trash", "restore", old_run)
     assert gone.returncode == 0 and "nothing to restore (already purged)" in gone.stdout
+
+
+def test_a_later_step_purges_trash_past_retention_on_its_way_and_its_dry_run_says_so(
+        bench: Bench) -> None:
+    host = bench.fleet.names[0]
+    name = f"auto-{bench.tmp.name}"
+    base = bench.fleet.root(host) / name
+    root = build_hostile(base)
+    aged(root / "later" / "second.log", b"y" * 3000)
+
+    def step(paths: str) -> str:
+        return f"""
+            hosts: {host}
+            steps:
+              - name: Trash
+                action: safe_delete
+                with: {{paths: ["{{{{ root }}}}/{name}/root/{paths}"],
+                        within: ["{{{{ root }}}}/{name}/root"]}}
+        """
+
+    first = bench.run(step("app/**")).run_id
+    time.sleep(2.2)
+    short = bench.settings.model_copy(update={"trash_retention": 2.0})
+    before = files_digest(base)
+
+    dry = bench.run(step("later/*"), dry_run=True, settings=short)
+    planned = bench.steps(dry.run_id, host)[0]["details"]
+    assert files_digest(base) == before
+    assert [p["dir"] for p in planned["purged"]] == [f"{root}/{TRASH}/{first}/0"]
+    real = bench.run(step("later/*"), settings=short)
+    done = bench.steps(real.run_id, host)[0]["details"]
+
+    assert done["purged"] == planned["purged"] and done["bytes_purged"] > 0
+    assert not (root / TRASH / first).exists()
+    assert (root / TRASH / real.run_id / "0" / "manifest.json").is_file()
+    after = files_digest(base)
+    assert without_trash(after) == {k: v for k, v in without_trash(before).items()
+                                    if k != "root/later/second.log"}
+    states = {e["run_id"]: e["state"] for e in Operator(bench).json("trash", "list")}
+    assert states == {first: "purged", real.run_id: "trashed"}

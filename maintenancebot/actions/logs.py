@@ -26,7 +26,9 @@ from maintenancebot.actions.safe_delete import (
     describe_files,
     file_facts,
     helper,
+    purge_note,
     restore_trash,
+    with_retention,
 )
 from maintenancebot.models import Duration
 from maintenancebot.transports.base import Transport
@@ -109,12 +111,15 @@ class LogsAction:
              ) -> ActionReport:
         data: dict[str, Any] = {"action": self.name, "mode": args.mode,
                                 "within": list(args.within), "trash": []}
-        parts, ok, changed = [], True, False
+        parts: list[str] = []
+        ok, changed = True, False
         for phase, request in args.halves():
             op = "plan" if dry_run else ("compress" if phase == "compress" else args.mode)
             request = {**request, "op": op, "trash_id": [ctx.run_id, f"{ctx.step_index}-{phase}"]}
             if phase == "compress":
                 request["mode"] = args.mode
+            if not parts:  # once per step: both halves share the first root's trash
+                request = with_retention(request, ctx)
             try:
                 answer = helper(transport, ctx, request)
             except HelperError as exc:
@@ -123,6 +128,9 @@ class LogsAction:
             facts = file_facts(answer, trashed=args.mode == "trash", dry_run=dry_run)
             for entry in facts.pop("trash", []):
                 data["trash"].append({**entry, "count": facts["count"], "bytes": facts["bytes"]})
+            for key in ("purged", "bytes_purged"):
+                if key in facts:
+                    data[key] = facts.pop(key)
             data[phase] = facts
             changed |= not dry_run and facts["count"] > 0
             verb = {"prune": "pruned", "compress": "compressed"}[phase]
@@ -137,7 +145,8 @@ class LogsAction:
         data["files"] = [f for p in ("prune", "compress") if p in data for f in data[p]["files"]]
         data["top_dirs"] = [d for p in ("prune", "compress") if p in data
                             for d in data[p]["top_dirs"]][:10]
-        summary = "; ".join(parts) or "nothing to do (prune_after and compress_after are off)"
+        summary = ("; ".join(parts) or "nothing to do (prune_after and compress_after are off)"
+                   ) + purge_note(data, dry_run)
         if not ok and data["trash"]:
             # As safe_delete: a failed step leaves nothing half done (the engine rolls back
             # completed steps only), so what this one moved goes back now.

@@ -179,7 +179,29 @@ def file_facts(report: dict[str, Any], *, trashed: bool, dry_run: bool) -> dict[
         facts["skipped"] = [f"{s['path']}: {s['rule']}" for s in report["skipped"]]
     if report.get("trash_dir_b64"):
         facts["trash"] = [{"dir": report["trash_dir"], "dir_b64": report["trash_dir_b64"]}]
+    purge = report.get("purge")
+    if purge and purge.get("purged"):
+        # The bot's own expired trash, purged (or, in a plan, to be purged) by this step.
+        facts["purged"] = [{"dir": p["dir"], "dir_b64": p["dir_b64"], "count": p["count"],
+                            "bytes": p["bytes"]} for p in purge["purged"]]
+        facts["bytes_purged"] = 0 if dry_run else int(purge["bytes"])
     return facts
+
+
+def purge_note(facts: dict[str, Any], dry_run: bool) -> str:
+    purged = facts.get("purged") or []
+    if not purged:
+        return ""
+    size = human_size(sum(p["bytes"] for p in purged))
+    return (f"; {'would purge' if dry_run else 'purged'} {len(purged)} trash dir(s) past "
+            f"retention ({size})")
+
+
+def with_retention(request: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
+    """Ask the host to purge this root's trash past the configured retention as well: the bot
+    purges its own trash wherever it works, under the same rules (a plan only counts it)."""
+    retention = ctx.state.get("trash_retention")
+    return request if retention is None else {**request, "purge_retention": float(retention)}
 
 
 def describe_files(count: int, size: int, files: list[str]) -> str:
@@ -227,13 +249,14 @@ class SafeDeleteAction:
 
     def preview(self, transport: Transport, args: SafeDeleteArgs, ctx: ActionContext
                 ) -> ActionReport:
-        return self._run(transport, args, ctx, {**args.request(), "op": "plan"})
+        return self._run(transport, args, ctx, with_retention({**args.request(), "op": "plan"},
+                                                              ctx))
 
     def apply(self, transport: Transport, args: SafeDeleteArgs, ctx: ActionContext
               ) -> ActionReport:
         request = {**args.request(), "op": args.mode,
                    "trash_id": [ctx.run_id, str(ctx.step_index)]}
-        return self._run(transport, args, ctx, request)
+        return self._run(transport, args, ctx, with_retention(request, ctx))
 
     def rollback(self, transport: Transport, args: SafeDeleteArgs, report: ActionReport,
                  ctx: ActionContext) -> ActionReport:
@@ -261,7 +284,8 @@ class SafeDeleteAction:
         data = {"action": self.name, "mode": args.mode, "within": list(args.within), **facts}
         verb = {"plan": f"would {'move to trash' if args.mode == 'trash' else 'delete for good'}",
                 "trash": "moved to trash", "delete": "deleted for good"}[op]
-        summary = f"{verb} {describe_files(facts['count'], facts['bytes'], facts['files'])}"
+        summary = (f"{verb} {describe_files(facts['count'], facts['bytes'], facts['files'])}"
+                   + purge_note(facts, op == "plan"))
         if not answer["ok"]:
             return self._failed(transport, ctx, answer, data, summary)
         return ActionReport(ok=True, changed=op != "plan" and facts["count"] > 0,

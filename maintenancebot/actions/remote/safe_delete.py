@@ -1030,7 +1030,9 @@ def handle(request: "Json", after_scan: "Callable[[], None] | None" = None) -> "
     "within": [dir], "exclude": [glob], "older_than": s, "larger_than": bytes, "min_age": s
     (3600), "max_files": n (10000), "max_bytes": n (50 GiB), "one_file_system": bool (true),
     "keep_newest": n (per directory), "only": [path] (approved subset), "trash_id": [run, step]
-    (trash, compress), "mode": "trash"|"delete" (compress), "level": 1-9 (compress), "trash_dir":
+    (trash, compress), "mode": "trash"|"delete" (compress), "level": 1-9 (compress),
+    "purge_retention": s (plan, trash, delete, compress: also purge the first root's expired
+    trash, or count it in a plan), "trash_dir":
     dir (restore), "trash_base": dir, "retention": s, "runs": [run], "dry_run": bool (purge),
     "now": epoch s, "verbose": bool}; paths as documented above. "paths" of a restore are
     optional globs on original paths.
@@ -1085,6 +1087,26 @@ def run_select(scan: "Scan", req: "Json", report: "Json",
         files = apply(scan, cands, req, report)
     report.update(files=files, count=len(files), bytes=sum(f["size"] for f in files),
                   top_dirs=top_dirs(files))
+    purge_expired(scan, req, report)
+
+
+def purge_expired(scan: "Scan", req: "Json", report: "Json") -> "None":
+    """With purge_retention: the bot purging its own old trash under the first root, as part of
+    the step (a plan only counts it). A purge problem is a warning: the step's own work stands."""
+    retention = number(req, "purge_retention", None)
+    if retention is None:
+        return
+    base = join([*scan.roots[0].real, TRASH_NAME])
+    sub = {"errors": []}  # type: Json
+    try:
+        run_purge({"trash_base": {"b64": base64.b64encode(base).decode("ascii")},
+                   "retention": retention, "dry_run": req["op"] == "plan"},
+                  sub, scan.now_ns / 1e9)
+    except (Refused, OSError) as exc:
+        sub["errors"].append(dict(show(base), error=describe(exc)))
+    report["purge"] = {"purged": sub.get("purged", []), "count": sub.get("count", 0),
+                       "bytes": sub.get("bytes", 0), "dry_run": req["op"] == "plan"}
+    scan.warnings.extend(f"purge of {e['path']}: {e['error']}" for e in sub["errors"])
 
 
 def main() -> "None":
