@@ -22,15 +22,29 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float
         raise click.BadParameter(str(exc)) from exc
 
 
+def _address(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:9797")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 @cli.command()
 @click.option("--poll", "poll", default="2s", show_default=True, callback=_duration,
               help="How often to look for edits of the runbooks and the inventory.")
 @click.option("--stop-timeout", default="60s", show_default=True, callback=_duration,
               help="On SIGTERM, how long running steps may take to finish (keep it below "
                    "the unit's TimeoutStopSec).")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              callback=lambda _ctx, _param, value: _address(value),
+              help="Serve /healthz and /metrics (Prometheus) here, e.g. 127.0.0.1:9797. "
+                   "Off by default; read-only.")
 @pass_state
 @_clean_errors
-def daemon(state: _State, poll: float, stop_timeout: float) -> None:
+def daemon(state: _State, poll: float, stop_timeout: float,
+           listen: tuple[str, int] | None) -> None:
     """Run the scheduler in the foreground (what systemd runs).
 
     \b
@@ -50,4 +64,5 @@ def daemon(state: _State, poll: float, stop_timeout: float) -> None:
         root.setLevel(logging.INFO)
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    sys.exit(Daemon(state.settings, poll_interval=poll, stop_timeout=stop_timeout).serve())
+    sys.exit(Daemon(state.settings, poll_interval=poll, stop_timeout=stop_timeout,
+                    listen=listen).serve())

@@ -27,12 +27,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from maintenancebot import app
+from maintenancebot.daemon_http import Live, StatusServer, render_metrics
 from maintenancebot.errors import ConfigError, MaintenanceBotError
 from maintenancebot.models import Settings, format_duration
 from maintenancebot.notify import RunMessage, notifiers_from_settings, notify_all
@@ -63,6 +65,7 @@ class Daemon:
     def __init__(
         self, settings: Settings, *, clock: Clock = _utc_now, poll_interval: float = 2.0,
         stop_timeout: float = 60.0, lease_poll: float = 0.5, notifier: Notifier | None = None,
+        listen: tuple[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
@@ -81,6 +84,9 @@ class Daemon:
         self._store: RunStore | None = None
         self._last_ping = 0.0
         self._last_poll = 0.0
+        self._last_tick: float | None = None  # set by the main loop (`serve`), for /healthz
+        self._listen = listen
+        self._http: StatusServer | None = None
 
     @property
     def store(self) -> RunStore:
@@ -105,6 +111,9 @@ class Daemon:
         self.reload("start", initial=True)
         self._catch_up()
         self._scheduler.start()
+        if self._listen is not None:
+            self._http = StatusServer(self._listen, self.health, self.metrics)
+            self._http.start()
         self._notifier.ready(self._status())
         self._last_ping = time.monotonic()
 
@@ -127,6 +136,7 @@ class Daemon:
 
     def tick(self) -> None:
         """One turn of the main loop: SIGHUP, file changes, the watchdog."""
+        self._last_tick = time.monotonic()
         if self._hup:
             self._hup = False
             self._watcher.mark_current()
@@ -162,6 +172,9 @@ class Daemon:
         self.request_stop(reason)
         self._notifier.stopping(f"stopping ({reason}): waiting for running steps")
         self._scheduler.shutdown()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
         deadline = time.monotonic() + self._stop_timeout
         with self._lock:
             threads = list(self._runs.values())
@@ -330,6 +343,7 @@ class Daemon:
             plan = self._plan(entry)
             if not self._take_hosts(plan, holder, fire_id, fire_time):
                 return
+            plan = self._rest_of_window(plan, fire_time)
             try:
                 outcome = app.execute(self.settings, plan, dry_run=False,
                                       observer=self._linker(fire_id),
@@ -362,6 +376,15 @@ class Daemon:
             log.warning("%s: the file is not valid now (%s); running the last valid version",
                         entry.name, exc)
             return build_plan(entry.runbook, inventory, entry.source)
+
+    def _rest_of_window(self, plan: Plan, fire_time: datetime) -> Plan:
+        """The window opened at the fire time: a late run, or one that waited for hosts, gets
+        only what is left of it (the engine counts a window from the run's start)."""
+        window = plan.runbook.window
+        if window is None:
+            return plan
+        left = max(0.001, window - (self._clock() - fire_time).total_seconds())
+        return replace(plan, runbook=plan.runbook.model_copy(update={"window": min(window, left)}))
 
     def _linker(self, fire_id: int) -> Callable[[Event], None]:
         """An observer that writes the run id onto the fire as soon as the run has one."""
@@ -400,6 +423,27 @@ class Daemon:
         return True
 
     # ------------------------------------------------------------------------------ reports
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return self._http.address if self._http is not None else None
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy: scheduling, not stopping, and the main loop (if running) turned recently."""
+        with self._lock:
+            running = sorted(self._runs)
+        stale = (self._last_tick is not None
+                 and time.monotonic() - self._last_tick > max(3 * self._poll_interval, 5.0))
+        problem = ("stopping" if self._stopping.is_set() else
+                   "scheduler not running" if not self._scheduler.running else
+                   "main loop stalled" if stale else None)
+        return problem is None, {"status": problem or "ok", "running": running,
+                                 "scheduled": len(self._scheduler.next_fires())}
+
+    def metrics(self) -> str:
+        with self._lock:
+            running = list(self._runs)
+        return render_metrics(self.store.metrics(), Live(self._scheduler.next_fires(), running))
 
     def _status(self) -> str:
         with self._lock:

@@ -67,8 +67,13 @@ class RunControl:
         observer: Observer | None = None,
         action_state: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        window: float | None = None,
     ) -> None:
         self.run_id = run_id
+        # The runbook's maintenance window, from the start of the run (the daemon shortens it
+        # for a late run): after it no host starts; hosts already going finish their steps.
+        self._window = window
+        self._window_end = None if window is None else clock() + window
         self.action_state: Mapping[str, Any] = action_state or {}
         self._store = store
         self._timeout = timeout
@@ -114,8 +119,16 @@ class RunControl:
         return reason
 
     def start_refusal(self) -> str | None:
-        """Why a host that has not started yet must not start (also the breaker, failed batch)."""
-        return self.halt_reason() or self.abort_reason
+        """Why a host that has not started yet must not start (also the breaker, failed batch,
+        a closed maintenance window)."""
+        return self.halt_reason() or self.abort_reason or self._window_refusal()
+
+    def _window_refusal(self) -> str | None:
+        if self._window is None or self._window_end is None or self._clock() < self._window_end:
+            return None
+        self.abort(f"maintenance window of {format_duration(self._window)} closed: hosts not "
+                   "started are left for next time")
+        return self.abort_reason
 
     def bound(self, timeout: float) -> float:
         """A step's timeout, cut so that no step outlives the run's own deadline."""

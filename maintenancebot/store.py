@@ -265,6 +265,16 @@ class FireRecord:
 
 
 @dataclass(frozen=True)
+class StoreMetrics:
+    runs: dict[tuple[str, bool, str], int]           # (runbook, dry_run, status) -> runs
+    hosts_failed: dict[str, int]                     # runbook -> failed or unreachable hosts
+    step_seconds: dict[str, tuple[float, int]]       # runbook -> (sum of durations, steps)
+    last_success: dict[str, datetime]                # runbook -> finish of its last green run
+    decisions: dict[tuple[str, str], int]            # (runbook, decision) -> fires
+    llm_tokens: int
+
+
+@dataclass(frozen=True)
 class StopState:
     reason: str
     by: str | None
@@ -772,6 +782,33 @@ class RunStore:
     def release_hosts(self, holder: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM host_leases WHERE holder = ?", (holder,))
+
+
+    # ------------------------------------------------------------------------------ metrics
+
+    def metrics(self) -> StoreMetrics:
+        """Totals for the daemon's /metrics, straight from the records (nothing kept in memory,
+        so a restart does not reset a counter)."""
+        runs = {(r[0], bool(r[1]), r[2]): int(r[3]) for r in self._query(
+            "SELECT runbook, dry_run, status, COUNT(*) FROM runs GROUP BY 1, 2, 3")}
+        failed = {r[0]: int(r[1]) for r in self._query(
+            "SELECT r.runbook, COUNT(*) FROM hosts h JOIN runs r ON r.id = h.run_id "
+            "WHERE r.dry_run = 0 AND h.status IN (?, ?) GROUP BY 1",
+            (str(HostStatus.FAILED), str(HostStatus.UNREACHABLE)))}
+        steps = {r[0]: (float(r[1] or 0.0), int(r[2])) for r in self._query(
+            "SELECT r.runbook, SUM((julianday(s.finished_at) - julianday(s.started_at)) * 86400),"
+            " COUNT(*) FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.kind = 'step' AND"
+            " s.finished_at IS NOT NULL AND s.started_at IS NOT NULL AND s.status NOT IN"
+            " (?, ?, ?) GROUP BY 1", (str(StepStatus.SKIPPED), str(StepStatus.WOULD_RUN),
+                                      str(StepStatus.UNKNOWN)))}
+        success = {r[0]: _when(r[1]) or datetime.now(UTC) for r in self._query(
+            "SELECT runbook, MAX(finished_at) FROM runs WHERE status = ? AND dry_run = 0 "
+            "GROUP BY 1", (str(RunStatus.SUCCEEDED),))}
+        decisions = {(r[0], r[1]): int(r[2]) for r in self._query(
+            "SELECT runbook, decision, COUNT(*) FROM schedule_fires GROUP BY 1, 2")}
+        tokens = int(self._query("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) "
+                                 "FROM llm_usage")[0][0])
+        return StoreMetrics(runs, failed, steps, success, decisions, tokens)
 
 
 # ----------------------------------------------------------------------------------- rows

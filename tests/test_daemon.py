@@ -7,8 +7,11 @@ sshd fleet (and one `connection: local` host where only timing matters), recorde
 
 from __future__ import annotations
 
+import json
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +23,7 @@ from maintenancebot.daemon import Daemon, DaemonError
 from maintenancebot.loader import validate_paths
 from maintenancebot.models import Settings
 from maintenancebot.scheduling import fire_times_between
-from maintenancebot.states import RunStatus
+from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import FireRecord, RunRecord, RunStore
 from maintenancebot.testing.fleet import Fleet
 
@@ -64,8 +67,9 @@ class World:
         path.write_text(textwrap.dedent(text))
         return path
 
-    def start(self) -> Daemon:
-        daemon = Daemon(self.settings, clock=self.clock, lease_poll=0.05, stop_timeout=30)
+    def start(self, listen: tuple[str, int] | None = None) -> Daemon:
+        daemon = Daemon(self.settings, clock=self.clock, lease_poll=0.05, stop_timeout=30,
+                        listen=listen)
         daemon.start()
         self.daemons.append(daemon)
         return daemon
@@ -356,3 +360,54 @@ def test_a_removed_runbook_is_unscheduled(world: World) -> None:
     daemon.poll()
     assert daemon.poll()
     assert "nightly" not in daemon.next_fires()
+
+
+def test_a_late_run_gets_only_the_rest_of_its_window(world: World) -> None:
+    world.runbook("windowed", """
+        schedule: "0 3 * * *"
+        window: 1h
+        concurrency: 1
+        steps: [{name: work, run: "sleep 1.3"}]
+    """)
+    daemon = world.start()
+    daemon = world.restart(daemon, utc("2026-11-22 03:59:59"))  # 1 s of the window is left
+    assert daemon.wait_idle(30)
+    (run,) = world.runs("windowed")
+    assert run.status is RunStatus.ABORTED and "window" in (run.reason or "")
+    with RunStore(Path(world.settings.state_dir) / "maintenancebot.db") as store:
+        statuses = [h.status for h in store.get_hosts(run.id)]
+    assert statuses == [HostStatus.SUCCEEDED] + [HostStatus.NOT_STARTED] * (len(statuses) - 1)
+
+
+# ---------------------------------------------------------------------------------- health
+
+
+def test_healthz_and_metrics_answer_from_the_store_and_the_schedule(world: World) -> None:
+    world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
+    daemon = world.start(listen=("127.0.0.1", 0))
+    assert daemon.http_address is not None
+    base = "http://%s:%d" % daemon.http_address
+    world.move_to(daemon, utc("2026-11-22 03:00:01"))
+    assert daemon.wait_idle(30)
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        metrics = response.read().decode()
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                   if line and not line.startswith("#"))
+    assert samples['maintenancebot_runs_total{runbook="nightly",status="succeeded",'
+                   'dry_run="false"}'] == "1"
+    assert samples['maintenancebot_schedule_fires_total{runbook="nightly",'
+                   'decision="started"}'] == "1"
+    assert samples['maintenancebot_step_duration_seconds_count{runbook="nightly"}'] == "1"
+    assert float(samples['maintenancebot_last_success_timestamp_seconds{runbook="nightly"}']) > 0
+    assert float(samples['maintenancebot_next_fire_timestamp_seconds{runbook="nightly"}']) == (
+        utc("2026-11-23 03:00").timestamp())
+    assert samples["maintenancebot_llm_tokens_total"] == "0"
+
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+        assert json.load(response)["status"] == "ok"
+    daemon.request_stop("test")
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(f"{base}/healthz", timeout=5)
+    assert failed.value.code == 503 and json.load(failed.value)["status"] == "stopping"
