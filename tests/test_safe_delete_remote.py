@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -187,3 +188,46 @@ def test_a_host_without_python3_fails_the_step_with_a_clear_message() -> None:
     assert not report.ok and not report.changed
     assert report.summary == ("python3 is not installed on the host (safe_delete runs a "
                               "Python 3.6+ program there)")
+
+
+# Runs inside its own mount namespace, where `mnt` is a tmpfs: files there must cross
+# filesystems to reach the trash under the first root (copy, fsync, verify, unlink) and again on
+# the way back. Prints what the test checks.
+ACROSS = r"""
+import json, os, subprocess, sys
+from pathlib import Path
+from maintenancebot.actions.remote.safe_delete import handle
+base = Path(sys.argv[1])
+disk, mnt = base / "disk", base / "mnt"
+subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
+victim = mnt / "big.log"
+victim.write_bytes(os.urandom(300000))
+victim.chmod(0o640)
+os.utime(victim, (1000000000, 1000000000))
+before = (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_mtime_ns)
+moved = handle({"op": "trash", "paths": [str(mnt) + "/*"], "within": [str(disk), str(mnt)],
+                "trash_id": ["x", "0"], "one_file_system": True})
+copy = Path(moved["trash_dir"]) / "files" / str(victim).lstrip("/")
+in_trash = (copy.read_bytes(), copy.stat().st_mode, copy.stat().st_mtime_ns) == before
+gone = not victim.exists()
+back = handle({"op": "restore", "trash_dir": moved["trash_dir"],
+               "within": [str(disk), str(mnt)]})
+after = (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_mtime_ns)
+print(json.dumps({"moved": moved["count"], "ok": moved["ok"] and back["ok"], "gone": gone,
+                  "in_trash": in_trash, "restored": back["count"], "same": after == before,
+                  "copy_left": copy.exists(), "devs": os.stat(disk).st_dev != os.stat(mnt).st_dev}))
+"""
+
+
+def test_across_filesystems_files_are_copied_verified_and_come_back(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs in a private mount namespace needs root")
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                           "-c", ACROSS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"moved": 1, "ok": True, "gone": True, "in_trash": True,
+                                       "restored": 1, "same": True, "copy_left": False,
+                                       "devs": True}
