@@ -231,3 +231,35 @@ def test_across_filesystems_files_are_copied_verified_and_come_back(tmp_path: Pa
     assert json.loads(done.stdout) == {"moved": 1, "ok": True, "gone": True, "in_trash": True,
                                        "restored": 1, "same": True, "copy_left": False,
                                        "devs": True}
+
+
+MOUNTED = r"""
+import json, os, subprocess, sys
+from pathlib import Path
+from maintenancebot.actions.remote.safe_delete import handle
+root = Path(sys.argv[1]) / "root"
+subprocess.run(["mount", "-t", "tmpfs", "none", str(root / "mounted")], check=True)
+for path in (root / "here.log", root / "mounted" / "there.log"):
+    path.write_bytes(b"old\n")
+    os.utime(path, (1000000000, 1000000000))
+answers = [handle({"op": "trash", "paths": [str(root) + "/**"], "within": [str(root)],
+                   "trash_id": ["m", str(i)], "one_file_system": one_fs})
+           for i, one_fs in enumerate((True, False))]
+print(json.dumps({"moved": [a["count"] for a in answers],
+                  "rules": [a["skipped_counts"] for a in answers],
+                  "there": (root / "mounted" / "there.log").exists()}))
+"""
+
+
+def test_a_mount_point_inside_a_root_is_never_entered(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs in a private mount namespace needs root")
+    (tmp_path / "root" / "mounted").mkdir(parents=True)
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                           "-c", MOUNTED, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    # one_file_system: false admits same-mount subvolumes, never a mount point. (The second
+    # pass also meets the first one's trash dir, which is never walked.)
+    assert json.loads(done.stdout) == {"moved": [1, 0], "there": True, "rules": [
+        {"mount-point": 1}, {"mount-point": 1, "protected-dir": 1}]}
