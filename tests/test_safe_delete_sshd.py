@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from tests.trees import (
     MOVABLE,
     NEWLINE,
     OTHER_UID,
+    aged,
     build_hostile,
     etc_fingerprint,
     files_digest,
@@ -266,3 +269,45 @@ def test_mode_delete_deletes_for_good_and_says_rollback_cannot_undo_it(
     assert outside_of(after, "root") == outside_of(before, "root")  # the link's target stays
     undo = ACTION.rollback(transport, args(root), report, ctx())
     assert not undo.ok and "deleted for good" in undo.summary
+
+
+def test_a_concurrent_swapper_cannot_make_a_real_run_touch_anything_outside(
+        transport: Transport, base: Path, root: Path) -> None:
+    """The same race as above, unscripted: a thread flips a directory between the root and a
+    parking place outside, leaving a symlink to a decoy in its place, while the real action runs
+    over sshd. Timing decides how many moves meet the swap (usually dozens); whatever it
+    decides, nothing outside may change and everything moved must come back."""
+    busy = root / "app" / "busy"
+    for i in range(200):
+        aged(busy / f"f{i:03}.log", f"{i}\n".encode())
+    decoy, parking = base / "outside" / "decoy", base / "outside" / "parking"
+    decoy.mkdir()
+    parking.mkdir()
+    for i in range(0, 200, 7):  # same inodes as in the root: only the directory checks help
+        os.link(busy / f"f{i:03}.log", decoy / f"f{i:03}.log")
+    before = files_digest(base)
+    stop = threading.Event()
+
+    def swapper() -> None:
+        while not stop.is_set():  # the directory leaves the root; a link to the decoy stands in
+            busy.rename(parking / "busy")
+            busy.symlink_to(decoy)
+            time.sleep(0.002)
+            busy.unlink()
+            (parking / "busy").rename(busy)
+            time.sleep(0.01)  # mostly in place, so that the scan finds files to race over
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        report = ACTION.apply(transport, args(root), ctx("race"))
+    finally:
+        stop.set()
+        thread.join()
+
+    assert report.ok, report.summary
+    after = files_digest(base)
+    assert outside_of(after, "root") == outside_of(before, "root")
+    undo = ACTION.rollback(transport, args(root), report, ctx("race"))
+    assert undo.ok, undo.summary
+    assert without_trash(files_digest(base)) == before

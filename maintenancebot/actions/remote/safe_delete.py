@@ -800,6 +800,9 @@ def act_on(scan: "Scan", cand: "Candidate", entry: "Json", req: "Json", tfd: "in
                 drop_derived(scan, cand, entry)
             raise
     except Changed as exc:
+        # Listed even without `verbose`: a race with someone else is worth a look.
+        scan.skipped_counts["changed-during-run"] = scan.skipped_counts.get(
+            "changed-during-run", 0) + 1
         scan.skipped.append(dict(show(cand.path), rule=f"changed-during-run: {exc}"))
         entry["state"] = "not-moved"
         return None
