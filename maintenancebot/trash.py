@@ -14,7 +14,8 @@ this module prints (that is `cli_trash`).
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -245,25 +246,22 @@ def _by_base(entries: Iterable[TrashEntry]) -> dict[str, list[TrashEntry]]:
     return grouped
 
 
-class _connected:
+@contextmanager
+def _connected(settings: Settings, name: str, transports: TransportFactory | None
+               ) -> Iterator[tuple[Host, Transport]]:
     """The inventory's host by name and a connected transport to it, closed afterwards."""
+    host = inventory_host(settings, name)
+    if transports is None:
+        from maintenancebot.transports import open_transport
 
-    def __init__(self, settings: Settings, name: str, transports: TransportFactory | None
-                 ) -> None:
-        self.host = inventory_host(settings, name)
-        if transports is None:
-            from maintenancebot.transports import open_transport
-
-            def transports(host: Host) -> Transport:
-                return open_transport(host, settings.ssh)
-        self.transport = transports(self.host)
-
-    def __enter__(self) -> tuple[Host, Transport]:
-        self.transport.connect()
-        return self.host, self.transport
-
-    def __exit__(self, *_: object) -> None:
-        self.transport.close()
+        transport = open_transport(host, settings.ssh)
+    else:
+        transport = transports(host)
+    try:
+        transport.connect()
+        yield host, transport
+    finally:
+        transport.close()
 
 
 def inventory_host(settings: Settings, name: str) -> Host:
