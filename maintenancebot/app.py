@@ -9,6 +9,8 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,7 +22,7 @@ from maintenancebot.models import Settings
 from maintenancebot.plan import Plan, RunbookSource, build_plan
 from maintenancebot.reporting import guard_logs, redactor_for, report_run
 from maintenancebot.runcontrol import Observer
-from maintenancebot.store import RunStore, new_run_id
+from maintenancebot.store import HostsBusy, RunStore, new_run_id
 from maintenancebot.transports import open_transport
 
 DB_NAME = "maintenancebot.db"
@@ -78,14 +80,34 @@ def execute(
         guard_logs(redactor)
         engine = Engine(store, lambda host: open_transport(host, settings.ssh), observer=observer,
                         action_state={"trash_retention": settings.trash_retention})
-        outcome = engine.execute(plan, new_run_id(), dry_run=dry_run,
-                                 started_by=started_by or current_user())
+        run_id = new_run_id()
+        with host_leases(store, plan, run_id, dry_run=dry_run):
+            outcome = engine.execute(plan, run_id, dry_run=dry_run,
+                                     started_by=started_by or current_user())
         report_run(settings, store, outcome.run_id, redactor, post=notify or not dry_run,
                    console=console)
         return outcome
     finally:
         if own_store:
             store.close()
+
+
+@contextmanager
+def host_leases(store: RunStore, plan: Plan, run_id: str, *, dry_run: bool) -> Iterator[None]:
+    """A host is never in two real runs at once, from the CLI or the daemon (DESIGN §5): all of
+    the plan's hosts are leased for the run, or HostsBusy is raised before anything starts.
+    A dry-run only reads, and takes no lease."""
+    if dry_run:
+        yield
+        return
+    holder = f"run {run_id}"
+    busy = store.acquire_hosts([host.name for host in plan.hosts], holder, plan.runbook.name)
+    if busy:
+        raise HostsBusy(busy)
+    try:
+        yield
+    finally:
+        store.release_hosts(holder)
 
 
 def inventory_secrets(settings: Settings) -> list[Any]:

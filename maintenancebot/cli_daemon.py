@@ -7,7 +7,9 @@ itself is `maintenancebot.daemon`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -66,3 +68,31 @@ def daemon(state: _State, poll: float, stop_timeout: float,
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     sys.exit(Daemon(state.settings, poll_interval=poll, stop_timeout=stop_timeout,
                     listen=listen).serve())
+
+
+@cli.command()
+@click.option("--textfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write here, atomically, instead of stdout (node_exporter's textfile "
+                   "collector, e.g. /var/lib/prometheus/node-exporter/maintenancebot.prom).")
+@pass_state
+@_clean_errors
+def metrics(state: _State, textfile: Path | None) -> None:
+    """Print the run store's metrics in Prometheus text format.
+
+    \b
+    For the timer flavour (no daemon, so no /metrics endpoint): maintenancebot-run@.service
+    writes this file after every run, and node_exporter's textfile collector serves it.
+    """
+    from maintenancebot import app
+    from maintenancebot.daemon_http import render_metrics
+
+    with app.open_store(state.settings) as store:
+        text = render_metrics(store.metrics(), None)
+    if textfile is None:
+        click.echo(text, nl=False)
+        return
+    # A scrape must never read half a file: write beside it, then rename over it.
+    partial = textfile.with_name(f".{textfile.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    partial.chmod(0o644)
+    partial.replace(textfile)

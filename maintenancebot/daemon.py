@@ -2,7 +2,7 @@
 
 Owned here: one cron job per scheduled runbook (through `scheduling`), the decision on every
 fire — run, run late, skip (overlap, kill switch, busy hosts, stopping), missed — written to the
-store before anything runs, host leases between runs, reload on file change and SIGHUP (through
+store before anything runs, waiting for busy hosts, reload on file change and SIGHUP (through
 `watch`), the systemd notify protocol, and a graceful stop. Not here: SQL (`store`), cron
 parsing (`scheduling`), printing and exit codes (`cli_daemon`).
 
@@ -10,11 +10,10 @@ Decisions come from the store, not from memory: `handled_until` per runbook says
 times were decided, and a fire can be claimed once (UNIQUE in SQLite). So a restart, or two,
 never runs a fire twice, and a run interrupted by a crash is not re-run.
 
-Busy hosts: a run whose hosts are held by another run (another runbook of this daemon, or a
-CLI run) *waits* for them — maintenance that was due should happen — until its `window`
-closes (or its `timeout` passes); then the fire is recorded `skipped` with the holders. Waiting
-and giving up are both recorded. Leases are all-or-nothing per run, so two waiting runs cannot
-deadlock.
+Busy hosts: every real run leases all its hosts at once (`app.execute`, so CLI runs too; two
+waiting runs cannot deadlock). A scheduled run whose hosts another run holds *waits* for them —
+maintenance that was due should happen — until its `window` closes (or its `timeout` passes);
+then the fire is recorded `skipped` with the holders. Waiting and giving up are both recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from typing import IO, Any
 
 from maintenancebot import app
 from maintenancebot.daemon_http import Live, StatusServer, render_metrics
+from maintenancebot.engine import RunOutcome
 from maintenancebot.errors import ConfigError, MaintenanceBotError
 from maintenancebot.models import Settings, format_duration
 from maintenancebot.notify import RunMessage, notifiers_from_settings, notify_all
@@ -43,7 +43,7 @@ from maintenancebot.runcontrol import PROCESS_STOP, Event
 from maintenancebot.scheduling import CronScheduler, fire_times_between
 from maintenancebot.sdnotify import Notifier
 from maintenancebot.states import RunStatus
-from maintenancebot.store import RunStore
+from maintenancebot.store import HostsBusy, RunStore
 from maintenancebot.watch import Accepted, Catalog, ChangeWatcher, load_catalog
 
 log = logging.getLogger(__name__)
@@ -338,18 +338,10 @@ class Daemon:
     # ------------------------------------------------------------------------------ runs
 
     def _run(self, entry: Accepted, fire_id: int, fire_time: datetime, late: bool) -> None:
-        holder = f"{entry.name}@{fire_time.isoformat()}#{fire_id}"
         try:
-            plan = self._plan(entry)
-            if not self._take_hosts(plan, holder, fire_id, fire_time):
+            outcome = self._execute_when_hosts_free(self._plan(entry), fire_id, fire_time, late)
+            if outcome is None:
                 return
-            plan = self._rest_of_window(plan, fire_time)
-            try:
-                outcome = app.execute(self.settings, plan, dry_run=False,
-                                      observer=self._linker(fire_id),
-                                      started_by="daemon (late)" if late else "daemon")
-            finally:
-                self.store.release_hosts(holder)
             self.store.update_fire(fire_id, run_id=outcome.run_id)
             log.info("%s run %s: %s", entry.name, outcome.run_id, outcome.status)
         except MaintenanceBotError as exc:
@@ -397,30 +389,44 @@ class Daemon:
 
         return observe
 
-    def _take_hosts(self, plan: Plan, holder: str, fire_id: int, fire_time: datetime) -> bool:
-        """Lease the plan's hosts, waiting while other runs hold them (see the module doc)."""
+    def _execute_when_hosts_free(self, plan: Plan, fire_id: int, fire_time: datetime,
+                                 late: bool) -> RunOutcome | None:
+        """Run `plan` once no other run holds its hosts (see the module doc); None if it gave
+        up waiting. `app.execute` takes the leases itself, as for a CLI run: a host taken
+        between our look and the run's lease just means another turn of waiting."""
         hosts = [host.name for host in plan.hosts]
-        window = plan.runbook.window
         give_up = time.monotonic() + plan.runbook.timeout
-        busy = self.store.acquire_hosts(hosts, holder, plan.runbook.name)
-        if busy:
-            log.info("%s waits for hosts held by other runs: %s", plan.runbook.name, busy)
-            self.store.audit("schedule.waiting_for_hosts", actor="daemon",
-                             details={"runbook": plan.runbook.name, "fire": fire_id,
-                                      "busy": busy})
-        while busy:
-            closed = window is not None and self._clock() >= fire_time + timedelta(seconds=window)
-            if closed or self._stopping.is_set() or time.monotonic() >= give_up:
-                why = ("its window closed" if closed else "the daemon is stopping"
-                       if self._stopping.is_set() else "its timeout passed")
+        waited = False
+        while True:
+            busy = self.store.busy_hosts(hosts)
+            if not busy:
+                try:
+                    return app.execute(self.settings, self._rest_of_window(plan, fire_time),
+                                       dry_run=False, observer=self._linker(fire_id),
+                                       started_by="daemon (late)" if late else "daemon")
+                except HostsBusy as exc:
+                    busy = exc.busy
+            if not waited:
+                waited = True
+                log.info("%s waits for hosts held by other runs: %s", plan.runbook.name, busy)
+                self.store.audit("schedule.waiting_for_hosts", actor="daemon", details={
+                    "runbook": plan.runbook.name, "fire": fire_id, "busy": busy})
+            why = self._why_stop_waiting(plan, fire_time, give_up)
+            if why is not None:
                 reason = (f"hosts still in other runs when {why}: "
                           + ", ".join(f"{h} ({who})" for h, who in sorted(busy.items())))
                 self.store.update_fire(fire_id, decision=SKIPPED, reason=reason)
                 self._announce(plan.runbook.name, SKIPPED, reason)
-                return False
+                return None
             self._stopping.wait(self._lease_poll)
-            busy = self.store.acquire_hosts(hosts, holder, plan.runbook.name)
-        return True
+
+    def _why_stop_waiting(self, plan: Plan, fire_time: datetime, give_up: float) -> str | None:
+        window = plan.runbook.window
+        if window is not None and self._clock() >= fire_time + timedelta(seconds=window):
+            return "its window closed"
+        if self._stopping.is_set():
+            return "the daemon is stopping"
+        return "its timeout passed" if time.monotonic() >= give_up else None
 
     # ------------------------------------------------------------------------------ reports
 

@@ -30,8 +30,9 @@ class Live:
         self.running = sorted(running)
 
 
-def render_metrics(stored: StoreMetrics, live: Live) -> str:
-    """Prometheus text exposition format 0.0.4."""
+def render_metrics(stored: StoreMetrics, live: Live | None) -> str:
+    """Prometheus text exposition format 0.0.4. Without `live` (no daemon: the timer flavour's
+    textfile), only what the store knows."""
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str,
@@ -41,7 +42,8 @@ def render_metrics(stored: StoreMetrics, live: Live) -> str:
         for labels, value in samples:
             out.append(f"{name}{_labels(labels)} {_number(value)}")
 
-    family("maintenancebot_up", "gauge", "1 while the daemon runs.", [({}, 1)])
+    if live is not None:
+        family("maintenancebot_up", "gauge", "1 while the daemon runs.", [({}, 1)])
     family("maintenancebot_runs_total", "counter", "Runs by runbook, status and dry-run.",
            [({"runbook": rb, "status": st, "dry_run": str(dry).lower()}, n)
             for (rb, dry, st), n in sorted(stored.runs.items())])
@@ -64,6 +66,8 @@ def render_metrics(stored: StoreMetrics, live: Live) -> str:
            [({"runbook": rb, "decision": d}, n) for (rb, d), n in sorted(stored.decisions.items())])
     family("maintenancebot_llm_tokens_total", "counter", "LLM tokens spent on summaries.",
            [({}, stored.llm_tokens)])
+    if live is None:
+        return "\n".join(out) + "\n"
     family("maintenancebot_runs_in_progress", "gauge", "Runs of this daemon in flight.",
            [({"runbook": rb}, 1) for rb in live.running])
     family("maintenancebot_next_fire_timestamp_seconds", "gauge",

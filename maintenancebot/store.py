@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from maintenancebot.errors import NotFound, StoreError
+from maintenancebot.errors import MaintenanceBotError, NotFound, StoreError
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
 
 TAIL_CHARS = 8192          # stdout/stderr kept per step: enough to say why, bounded per row
@@ -249,6 +249,15 @@ class AuditRecord:
     host: str | None
     actor: str | None
     details: dict[str, Any]
+
+
+class HostsBusy(MaintenanceBotError):
+    """Hosts of a run are in another live run: nothing started (DESIGN §5, Overlap)."""
+
+    def __init__(self, busy: dict[str, str]) -> None:
+        self.busy = busy
+        super().__init__("hosts are in another run, nothing started: " + ", ".join(
+            f"{host} (held by {holder})" for host, holder in sorted(busy.items())))
 
 
 @dataclass(frozen=True)
@@ -737,22 +746,10 @@ class RunStore:
 
         All-or-nothing in one transaction, so two runs waiting for each other's hosts cannot
         deadlock. A lease whose process is gone is reclaimed (and audited); a host in a live
-        run started elsewhere (a CLI run) counts as held too."""
+        run that holds no lease (one recorded by an older version) counts as held too."""
         me = socket.gethostname()
         with self._tx() as db:
-            busy: dict[str, str] = {}
-            for host in hosts:
-                row = db.execute("SELECT * FROM host_leases WHERE host = ?", (host,)).fetchone()
-                if row is None:
-                    continue
-                if row["controller"] in (None, me) and not _alive(
-                        row["pid"], row["proc_start"], row["boot_id"]):
-                    db.execute("DELETE FROM host_leases WHERE host = ?", (host,))
-                    self._audit(db, "lease.reclaimed", host=host,
-                                details={"holder": row["holder"], "pid": row["pid"]})
-                else:
-                    busy[host] = row["holder"]
-            busy.update(self._hosts_in_live_runs(db, hosts, me))
+            busy = self._busy(db, hosts, me, reclaim=True)
             if busy:
                 return busy
             pid = os.getpid()
@@ -762,6 +759,29 @@ class RunStore:
                 [(host, holder, runbook, me, pid, _process_start(pid), _boot_id(), utc_now())
                  for host in hosts])
             return {}
+
+    def busy_hosts(self, hosts: Sequence[str]) -> dict[str, str]:
+        """Which of `hosts` another live run holds now, and who (a look; takes nothing)."""
+        with self._lock:
+            return self._busy(self._db, hosts, socket.gethostname(), reclaim=False)
+
+    def _busy(self, db: sqlite3.Connection, hosts: Sequence[str], me: str, *,
+              reclaim: bool) -> dict[str, str]:
+        busy: dict[str, str] = {}
+        for host in hosts:
+            row = db.execute("SELECT * FROM host_leases WHERE host = ?", (host,)).fetchone()
+            if row is None:
+                continue
+            if row["controller"] in (None, me) and not _alive(
+                    row["pid"], row["proc_start"], row["boot_id"]):
+                if reclaim:
+                    db.execute("DELETE FROM host_leases WHERE host = ?", (host,))
+                    self._audit(db, "lease.reclaimed", host=host,
+                                details={"holder": row["holder"], "pid": row["pid"]})
+            else:
+                busy[host] = row["holder"]
+        busy.update(self._hosts_in_live_runs(db, hosts, me))
+        return busy
 
     def _hosts_in_live_runs(self, db: sqlite3.Connection, hosts: Sequence[str],
                             me: str) -> dict[str, str]:
@@ -775,7 +795,9 @@ class RunStore:
                 continue
             dead = row["controller"] in (None, me) and row["pid"] is not None and not _alive(
                 row["pid"], row["proc_start"], row["boot_id"])
-            if not dead:
+            leased = db.execute("SELECT 1 FROM host_leases WHERE holder = ?",
+                                (f"run {row['id']}",)).fetchone()
+            if not dead and not leased:  # a leased run's hosts were counted above
                 busy[row["host"]] = f"run {row['id']}"
         return busy
 

@@ -8,6 +8,8 @@ sshd fleet (and one `connection: local` host where only timing matters), recorde
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 import time
 import urllib.error
@@ -21,11 +23,12 @@ import pytest
 
 from maintenancebot.daemon import Daemon, DaemonError
 from maintenancebot.loader import validate_paths
-from maintenancebot.models import Settings
+from maintenancebot.models import Settings, SlackSettings
 from maintenancebot.scheduling import fire_times_between
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import FireRecord, RunRecord, RunStore
 from maintenancebot.testing.fleet import Fleet
+from tests.httpfakes import fake_server, slack_ok
 
 
 class FakeClock:
@@ -386,7 +389,7 @@ def test_healthz_and_metrics_answer_from_the_store_and_the_schedule(world: World
     world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
     daemon = world.start(listen=("127.0.0.1", 0))
     assert daemon.http_address is not None
-    base = "http://%s:%d" % daemon.http_address
+    base = "http://{}:{}".format(*daemon.http_address)
     world.move_to(daemon, utc("2026-11-22 03:00:01"))
     assert daemon.wait_idle(30)
 
@@ -411,3 +414,93 @@ def test_healthz_and_metrics_answer_from_the_store_and_the_schedule(world: World
     with pytest.raises(urllib.error.HTTPError) as failed:
         urllib.request.urlopen(f"{base}/healthz", timeout=5)
     assert failed.value.code == 503 and json.load(failed.value)["status"] == "stopping"
+
+
+def test_a_cli_run_is_refused_on_a_host_a_scheduled_run_holds(world: World) -> None:
+    host = world.fleet.names[0]
+    world.runbook("hog", f"""
+        schedule: "0 3 * * *"
+        hosts: [{host}]
+        steps: [{{name: hold, run: "sleep 2"}}]
+    """)
+    other = world.runbook("other", f"""
+        hosts: [{host}]
+        steps: [{{name: quick, run: "true"}}]
+    """)
+    config = world.dir.parent / "config.yaml"
+    config.write_text(world.fleet.config_yaml(Path(world.settings.state_dir), runbooks=world.dir,
+                                              inventory=world.inventory))
+    world.clock.now = utc("2026-11-22 02:59")
+    daemon = world.start()
+    world.move_to(daemon, utc("2026-11-22 03:00:01"))
+    deadline = time.monotonic() + 10
+    while not world.runs("hog"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def cli_run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "maintenancebot", "--config", str(config),
+                               "run", str(other)], capture_output=True, text=True, timeout=60,
+                              check=False)
+
+    refused = cli_run()
+    (hog,) = world.runs("hog")
+    assert refused.returncode == 1, refused.stderr
+    # (the console wraps long lines; the words are what a person reads)
+    assert f"{host} (held by run {hog.id})" in " ".join(refused.stderr.split())
+    assert world.runs("other") == []  # nothing started, nothing recorded as a run
+    assert daemon.wait_idle(30)
+    assert cli_run().returncode == 0
+
+
+def test_a_lease_left_by_a_dead_process_is_reclaimed(world: World, tmp_path: Path) -> None:
+    db = Path(world.settings.state_dir) / "maintenancebot.db"
+    grab = ("import sys; from maintenancebot.store import RunStore; "
+            "print(RunStore(sys.argv[1]).acquire_hosts(['web-01'], 'run dead', 'x'))")
+    done = subprocess.run([sys.executable, "-c", grab, str(db)], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "{}"  # it took the lease, then died holding it
+    with RunStore(db) as store:
+        assert store.busy_hosts(["web-01"]) == {}
+        assert store.acquire_hosts(["web-01"], "run alive", "y") == {}
+        assert store.busy_hosts(["web-01"]) == {"web-01": "run alive"}
+        reclaimed = [a for a in store.audit_log() if a.action == "lease.reclaimed"]
+    assert [(a.host, a.details["holder"]) for a in reclaimed] == [("web-01", "run dead")]
+
+
+def test_the_timer_flavour_writes_a_node_exporter_textfile(world: World) -> None:
+    world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
+    daemon = world.start()
+    world.move_to(daemon, utc("2026-11-22 03:00:01"))
+    assert daemon.wait_idle(30)
+    config = world.dir.parent / "config.yaml"
+    config.write_text(world.fleet.config_yaml(Path(world.settings.state_dir), runbooks=world.dir,
+                                              inventory=world.inventory))
+    textfile = world.dir.parent / "collector" / "maintenancebot.prom"
+    textfile.parent.mkdir()
+    done = subprocess.run([sys.executable, "-m", "maintenancebot", "--config", str(config),
+                           "metrics", "--textfile", str(textfile)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    text = textfile.read_text()
+    assert ('maintenancebot_runs_total{runbook="nightly",status="succeeded",dry_run="false"} 1'
+            in text.splitlines())
+    assert "maintenancebot_up" not in text  # no daemon behind a textfile
+    assert [p.name for p in textfile.parent.iterdir()] == ["maintenancebot.prom"]
+
+
+def test_a_missed_fire_and_a_rejected_edit_are_sent_to_slack(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1-test")
+    path = world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
+    with fake_server([slack_ok()]) as slack:
+        world.settings = world.settings.model_copy(update={"slack": SlackSettings(
+            channel="#maintenance", base_url=slack.url + "api/")})
+        daemon = world.start()
+        daemon = world.restart(daemon, utc("2026-11-22 10:00"))  # beyond the 6h grace
+        path.write_text(path.read_text().replace("steps:", "stepz:"))
+        daemon.poll()
+        assert daemon.poll()
+        posted = [json.dumps(request.json()) for request in slack.requests]
+    assert any("nightly: missed" in text and "misfire_grace" in text for text in posted), posted
+    assert any("invalid runbook" in text and "stepz" in text for text in posted), posted
