@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -263,3 +264,25 @@ def test_a_mount_point_inside_a_root_is_never_entered(tmp_path: Path) -> None:
     # pass also meets the first one's trash dir, which is never walked.)
     assert json.loads(done.stdout) == {"moved": [1, 0], "there": True, "rules": [
         {"mount-point": 1}, {"mount-point": 1, "protected-dir": 1}]}
+
+
+def test_restore_remakes_missing_directories_below_the_root_but_never_the_root(
+        tmp_path: Path) -> None:
+    root = build_hostile(tmp_path / "base")
+    moved = trash(root, paths=[f"{root}/app/sub/deep/older.log"])
+    assert moved["count"] == 1
+    shutil.rmtree(root / "app" / "sub")
+    back = handle({"op": "restore", "trash_dir": moved["trash_dir"], "within": [str(root)]})
+    assert back["ok"] and (root / "app" / "sub" / "deep" / "older.log").read_bytes() == \
+        b"deeper\n"
+
+    other = tmp_path / "base" / "other"  # a second root; the trash lives in the first
+    aged(other / "x.log")
+    within = [str(root), str(other)]
+    gone = handle({"op": "trash", "paths": [f"{other}/*"], "within": within,
+                   "trash_id": ["run", "1"]})
+    assert gone["count"] == 1
+    shutil.rmtree(other)
+    again = handle({"op": "restore", "within": within, "trash_dir": gone["trash_dir"]})
+    assert not again["ok"] and not other.exists()
+    assert "No such file or directory" in again["errors"][0]["error"]

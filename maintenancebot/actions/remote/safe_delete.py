@@ -828,8 +828,10 @@ def restore_one(tfd: "int", tdir: "bytes", entry: "Json", roots: "list[bytes]") 
     path = join(orig)
     if on_floor(path) or PROTECTED_DIRS.intersection(orig):
         raise Refused("original path is on the protected floor")
-    if not any(inside(path, root) and path != root for root in roots):
+    holders = [root for root in roots if inside(path, root) and path != root]
+    if not holders:
         raise Refused("original path lies outside the within roots")
+    top = abs_parts(max(holders, key=len), "within root")
     tpath = unshow(entry, "trash_path")
     if not tpath.startswith(tdir + b"/"):
         raise Refused("trash path lies outside the trash dir")
@@ -840,7 +842,13 @@ def restore_one(tfd: "int", tdir: "bytes", entry: "Json", roots: "list[bytes]") 
         if meta_of(st)["type"] != entry["type"] or (
                 entry.get("sha256") and sha256_at(sfd, tparts[-1]) != entry["sha256"]):
             raise Changed("the trash copy differs from the manifest")
-        dfd = open_chain(orig[:-1], create=0o755)  # refuses parents reached through symlinks
+        # The root must still be there; only directories below it are made again. Both steps
+        # refuse parents reached through symlinks.
+        rfd = open_chain(top)
+        try:
+            dfd = open_chain(orig[len(top):-1], create=0o755, start=rfd)
+        finally:
+            os.close(rfd)
         try:
             move_no_clobber(sfd, tparts[-1], dfd, orig[-1], st)
             set_meta(dfd, orig[-1], entry)
@@ -895,9 +903,9 @@ def restore_entry(tfd: "int", tdir: "bytes", entry: "Json", roots: "list[bytes]"
         return  # listed before the moves began, and never moved: nothing to bring back
     try:
         restore_one(tfd, tdir, entry, roots)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         if entry["state"] == "trashed":  # a pending one was simply never moved
-            report["errors"].append(dict(show(orig), error="missing from the trash"))
+            report["errors"].append(dict(show(orig), error=f"missing: {describe(exc)}"))
         return
     except Conflict as exc:
         report["conflicts"].append(dict(show(orig), error=str(exc)))
