@@ -244,6 +244,9 @@ def test_a_directory_swapped_for_a_symlink_mid_run_cannot_redirect_a_move(
     undo = raw(transport, {"op": "restore", "trash_dir": answer["trash_dir"],
                            "within": [str(root)]})
     assert undo["ok"] and undo["count"] == len(MOVABLE) - 1
+    deep.unlink()  # undo the swap itself: then the whole tree is as it was, byte for byte
+    deep.with_name("deep.away").rename(deep)
+    assert without_trash(files_digest(base)) == before
 
 
 def test_restore_never_overwrites_a_file_that_came_back(transport: Transport, base: Path,
