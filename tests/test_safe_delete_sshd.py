@@ -44,8 +44,8 @@ from tests.trees import (
 ACTION = SafeDeleteAction()
 
 
-def ctx(run_id: str = "run-1", step: int = 0) -> ActionContext:
-    return ActionContext(run_id=run_id, step_index=step, step_name="clean", sudo=False,
+def ctx(run_id: str = "run-1", step: int = 0, sudo: bool = False) -> ActionContext:
+    return ActionContext(run_id=run_id, step_index=step, step_name="clean", sudo=sudo,
                          timeout=60, dry_run=False)
 
 
@@ -110,20 +110,23 @@ def test_hostile_tree_moves_only_what_is_inside_and_restores_every_byte(
     assert os.readlink(root / "app" / "etc-dir") == "/etc"
 
 
+@pytest.mark.parametrize("sudo", [False, True], ids=["plain", "sudo"])
 def test_dry_run_lists_exactly_what_the_real_run_moves(
-        transport: Transport, base: Path, root: Path) -> None:
+        transport: Transport, base: Path, root: Path, sudo: bool) -> None:
     before = files_digest(base)
 
-    plan = ACTION.preview(transport, args(root, verbose=True), ctx())
+    plan = ACTION.preview(transport, args(root, verbose=True), ctx(sudo=sudo))
 
     assert files_digest(base) == before  # a preview changes nothing, not even a trash dir
     assert plan.ok and not plan.changed
     rules = "\n".join(plan.data["skipped"])
     for rule in ("protected-name", "protected-dir", "special-file", "min-age"):
         assert rule in rules
-    real = ACTION.apply(transport, args(root), ctx())
+    real = ACTION.apply(transport, args(root), ctx(sudo=sudo))
     assert real.data["files"] == plan.data["files"]
     assert real.data["bytes"] == plan.data["bytes"]
+    undo = ACTION.rollback(transport, args(root), real, ctx(sudo=sudo))
+    assert undo.ok and without_trash(files_digest(base)) == before
 
 
 def test_names_with_newlines_and_invalid_utf8_are_moved_and_restored_exactly(
