@@ -6,6 +6,7 @@ itself is `maintenancebot.daemon`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -96,3 +97,32 @@ def metrics(state: _State, textfile: Path | None) -> None:
     partial.write_text(text)
     partial.chmod(0o644)
     partial.replace(textfile)
+
+
+@cli.command()
+@click.option("--runbook", default=None, help="Only this runbook's fires.")
+@click.option("--limit", default=50, show_default=True, help="How many fires (newest last).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@pass_state
+@_clean_errors
+def fires(state: _State, runbook: str | None, limit: int, as_json: bool) -> None:
+    """What the daemon decided about each scheduled fire: started, late, skipped, missed, failed.
+
+    \b
+    Each line: the fire time, the runbook, the decision, the run it started (see `show`), and
+    the reason (why a fire was skipped or missed, or why it ran late).
+    """
+    from maintenancebot import app
+
+    with app.open_store(state.settings) as store:
+        records = store.fires(runbook, limit)
+    if as_json:
+        click.echo(json.dumps([{"runbook": f.runbook, "fire_time": f.fire_time.isoformat(),
+                                "decided_at": f.decided_at.isoformat(), "decision": f.decision,
+                                "run_id": f.run_id, "reason": f.reason} for f in records],
+                              indent=2))
+        return
+    for f in records:
+        click.echo("  ".join(part for part in (
+            f.fire_time.isoformat(timespec="minutes"), f.runbook, f.decision,
+            f.run_id or "-", f.reason or "") if part))

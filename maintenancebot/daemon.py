@@ -303,6 +303,9 @@ class Daemon:
                                             if late else None)
             if fire_id is None:
                 return  # decided before (a restart, another daemon): never run it twice
+            if late:  # the miss is news even though it is being made up for
+                self._announce(name, LATE, f"the fire at {fire_time.isoformat()} was missed "
+                               "while the daemon was down; running it now, late")
             thread = threading.Thread(target=self._run, args=(entry, fire_id, fire_time, late),
                                       name=f"run-{name}")
             self._runs[name] = thread

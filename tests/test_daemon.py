@@ -497,10 +497,25 @@ def test_a_missed_fire_and_a_rejected_edit_are_sent_to_slack(
         world.settings = world.settings.model_copy(update={"slack": SlackSettings(
             channel="#maintenance", base_url=slack.url + "api/")})
         daemon = world.start()
-        daemon = world.restart(daemon, utc("2026-11-22 10:00"))  # beyond the 6h grace
+        daemon = world.restart(daemon, utc("2026-11-22 05:00"))  # within the grace: late run
+        assert daemon.wait_idle(30)
+        daemon = world.restart(daemon, utc("2026-11-23 10:00"))  # beyond the 6h grace
         path.write_text(path.read_text().replace("steps:", "stepz:"))
         daemon.poll()
         assert daemon.poll()
         posted = [json.dumps(request.json()) for request in slack.requests]
+    assert any("nightly: late" in text and "missed while the daemon was down" in text
+               for text in posted), posted
     assert any("nightly: missed" in text and "misfire_grace" in text for text in posted), posted
     assert any("invalid runbook" in text and "stepz" in text for text in posted), posted
+
+
+def test_fires_while_the_kill_switch_is_set_are_skipped_and_recorded(world: World) -> None:
+    world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
+    daemon = world.start()
+    daemon.store.set_stop("incident 4711", "alice")
+    world.move_to(daemon, utc("2026-11-22 03:00:01"))
+    assert daemon.wait_idle(5)
+    (fire,) = world.fires("nightly")
+    assert fire.decision == "skipped" and "incident 4711" in (fire.reason or "")
+    assert world.runs() == []

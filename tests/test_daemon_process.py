@@ -8,6 +8,7 @@ and the daemon runs it late at once — the same path as after a real outage.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -144,6 +145,14 @@ def test_sigterm_mid_run_finishes_the_step_records_interrupted_and_exits_0(
     assert service.stop(again) == 0
     with service.store() as store:
         assert len(store.list_runs()) == 1 and len(store.fires()) == 1
+
+    # What an operator reads: the decision, the run it started, why it was late.
+    listed = subprocess.run([sys.executable, "-m", "maintenancebot", "--config",
+                             str(service.config), "fires", "--json"], capture_output=True,
+                            text=True, timeout=60, check=True)
+    (decided,) = json.loads(listed.stdout)
+    assert (decided["runbook"], decided["decision"], decided["run_id"]) == (
+        "nightly", "late", run.id)
 
 
 def test_sighup_rejects_an_invalid_edit_keeps_the_schedule_and_takes_the_fix(
