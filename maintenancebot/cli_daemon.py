@@ -44,10 +44,14 @@ def _address(value: str | None) -> tuple[str, int] | None:
               callback=lambda _ctx, _param, value: _address(value),
               help="Serve /healthz and /metrics (Prometheus) here, e.g. 127.0.0.1:9797. "
                    "Off by default; read-only.")
+@click.option("--git-pull", default=None, metavar="INTERVAL",
+              callback=lambda ctx, param, value: value and _duration(ctx, param, value),
+              help="The runbooks directory is a git checkout: every INTERVAL (e.g. 5m) fetch, "
+                   "validate the new commit apart, and fast-forward only if it is valid whole.")
 @pass_state
 @_clean_errors
 def daemon(state: _State, poll: float, stop_timeout: float,
-           listen: tuple[str, int] | None) -> None:
+           listen: tuple[str, int] | None, git_pull: float | None) -> None:
     """Run the scheduler in the foreground (what systemd runs).
 
     \b
@@ -68,7 +72,7 @@ def daemon(state: _State, poll: float, stop_timeout: float,
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     sys.exit(Daemon(state.settings, poll_interval=poll, stop_timeout=stop_timeout,
-                    listen=listen).serve())
+                    listen=listen, git_pull=git_pull).serve())
 
 
 @cli.command()

@@ -32,10 +32,11 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from maintenancebot import app
+from maintenancebot import app, gitsync
 from maintenancebot.daemon_http import Live, StatusServer, render_metrics
 from maintenancebot.engine import RunOutcome
 from maintenancebot.errors import ConfigError, MaintenanceBotError
+from maintenancebot.gitsync import SyncResult
 from maintenancebot.models import Settings, format_duration
 from maintenancebot.notify import RunMessage, notifiers_from_settings, notify_all
 from maintenancebot.plan import Plan, build_plan
@@ -65,7 +66,7 @@ class Daemon:
     def __init__(
         self, settings: Settings, *, clock: Clock = _utc_now, poll_interval: float = 2.0,
         stop_timeout: float = 60.0, lease_poll: float = 0.5, notifier: Notifier | None = None,
-        listen: tuple[str, int] | None = None,
+        listen: tuple[str, int] | None = None, git_pull: float | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
@@ -86,6 +87,9 @@ class Daemon:
         self._last_poll = 0.0
         self._last_tick: float | None = None  # set by the main loop (`serve`), for /healthz
         self._listen = listen
+        self._git_pull = git_pull
+        self._git_reported: str | None = None  # a rejection or git error is reported once
+        self._reload_lock = threading.Lock()  # the main loop and the git thread both reload
         self._http: StatusServer | None = None
 
     @property
@@ -114,6 +118,9 @@ class Daemon:
         if self._listen is not None:
             self._http = StatusServer(self._listen, self.health, self.metrics)
             self._http.start()
+        if self._git_pull is not None:
+            threading.Thread(target=self._git_loop, args=(self._git_pull,), name="git-sync",
+                             daemon=True).start()
         self._notifier.ready(self._status())
         self._last_ping = time.monotonic()
 
@@ -218,6 +225,10 @@ class Daemon:
     def reload(self, why: str, *, initial: bool = False) -> list[str]:
         """Read runbooks and inventory again; apply what is valid, keep the last valid version
         of what is not, and report every problem. Returns the problems as text."""
+        with self._reload_lock:
+            return self._reload(why, initial)
+
+    def _reload(self, why: str, initial: bool) -> list[str]:
         if not initial:
             self._notifier.reloading()
         loaded = load_catalog(self.settings, self._catalog)
@@ -241,6 +252,43 @@ class Daemon:
         if not initial:
             self._notifier.ready(self._status())
         return problems
+
+    def sync_git(self) -> SyncResult | None:
+        """Fetch the runbooks' repository; fast-forward and reload only a commit that is valid
+        whole (see `gitsync`). None when git itself failed (reported once, retried later)."""
+        try:
+            result = gitsync.sync(self.settings)
+        except gitsync.GitError as exc:
+            self._report_git("git.failed", str(exc), str(exc), [])
+            return None
+        if result.state == gitsync.PULLED:
+            self._git_reported = None
+            log.info("git: %s", result.message)
+            self.store.audit("git.pulled", actor="daemon",
+                             details={"commit": result.commit, "message": result.message})
+            self._watcher.mark_current()
+            self.reload(f"git pull {result.commit and result.commit[:12]}")
+        elif result.state in (gitsync.REJECTED, gitsync.BLOCKED):
+            self._report_git(f"git.{result.state}", result.commit or "", result.message,
+                             result.issues)
+        return result
+
+    def _report_git(self, action: str, key: str, message: str, issues: list[str]) -> None:
+        if self._git_reported == key:
+            return
+        self._git_reported = key
+        for line in [message, *issues]:
+            log.error("git: %s", line)
+        self.store.audit(action, actor="daemon", details={"message": message, "issues": issues})
+        self._announce("git", action.removeprefix("git."), "\n".join([message, *issues]))
+
+    def _git_loop(self, interval: float) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.sync_git()
+            except Exception:  # keep pulling next time; a bug here must not stop the daemon
+                log.exception("git sync crashed")
+            self._stopping.wait(interval)
 
     def _apply_schedule(self, previous: Catalog, current: Catalog, initial: bool) -> None:
         for name in previous.runbooks.keys() - current.runbooks.keys():
