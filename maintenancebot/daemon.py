@@ -1,19 +1,14 @@
 """The daemon: decides *when* runbooks run; how they run is `app.prepare` + `app.execute`.
 
-Owned here: one cron job per scheduled runbook (through `scheduling`), the decision on every
-fire — run, run late, skip (overlap, kill switch, busy hosts, stopping), missed — written to the
-store before anything runs, waiting for busy hosts, reload on file change and SIGHUP (through
-`watch`), the systemd notify protocol, and a graceful stop. Not here: SQL (`store`), cron
-parsing (`scheduling`), printing and exit codes (`cli_daemon`).
+Owned here: the process — one daemon per state directory, one cron job per scheduled runbook
+(through `scheduling`), catching up on fires missed while it was down, reload on file change,
+SIGHUP and `--git-pull` (through `watch` and `gitsync`), the systemd notify protocol, health
+and metrics, and a graceful stop. The decision on each fire and the run it starts are
+`firing`'s. Not here: SQL (`store`), cron parsing (`scheduling`), printing (`cli_daemon`).
 
 Decisions come from the store, not from memory: `handled_until` per runbook says which fire
 times were decided, and a fire can be claimed once (UNIQUE in SQLite). So a restart, or two,
 never runs a fire twice, and a run interrupted by a crash is not re-run.
-
-Busy hosts: every real run leases all its hosts at once (`app.execute`, so CLI runs too; two
-waiting runs cannot deadlock). A scheduled run whose hosts another run holds *waits* for them —
-maintenance that was due should happen — until its `window` closes (or its `timeout` passes);
-then the fire is recorded `skipped` with the holders. Waiting and giving up are both recorded.
 """
 
 from __future__ import annotations
@@ -26,32 +21,27 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 from maintenancebot import app, gitsync
 from maintenancebot.daemon_http import Live, StatusServer, render_metrics
-from maintenancebot.engine import RunOutcome
-from maintenancebot.errors import ConfigError, MaintenanceBotError
+from maintenancebot.errors import MaintenanceBotError
+from maintenancebot.firing import Firing
 from maintenancebot.gitsync import SyncResult
 from maintenancebot.models import Settings, format_duration
 from maintenancebot.notify import RunMessage, notifiers_from_settings, notify_all
-from maintenancebot.plan import Plan, build_plan
-from maintenancebot.runcontrol import PROCESS_STOP, Event
-from maintenancebot.scheduling import CronScheduler, fire_times_between
+from maintenancebot.runcontrol import PROCESS_STOP
+from maintenancebot.scheduling import CronScheduler
 from maintenancebot.sdnotify import Notifier
-from maintenancebot.states import RunStatus
-from maintenancebot.store import HostsBusy, RunStore
-from maintenancebot.watch import Accepted, Catalog, ChangeWatcher, load_catalog
+from maintenancebot.store import RunStore
+from maintenancebot.watch import Catalog, ChangeWatcher, load_catalog
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-STARTED, LATE, SKIPPED, MISSED, FAILED = "started", "late", "skipped", "missed", "failed"
-OLDER_MISSES_RECORDED = 100  # a month-long outage of an every-minute runbook stays bounded
 
 
 def _utc_now() -> datetime:
@@ -76,11 +66,11 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._lock = threading.RLock()
         self._catalog = Catalog()
-        self._runs: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
         self._hup = False
         self._watcher = ChangeWatcher(settings)
-        self._scheduler = CronScheduler(lambda name, fire: self.decide(name, fire))
+        self._firing: Firing | None = None
+        self._scheduler = CronScheduler(lambda name, fire: self.firing.decide(name, fire))
         self._lockfile: IO[str] | None = None
         self._store: RunStore | None = None
         self._last_ping = 0.0
@@ -98,6 +88,11 @@ class Daemon:
         return self._store
 
     @property
+    def firing(self) -> Firing:
+        assert self._firing is not None, "start() first"
+        return self._firing
+
+    @property
     def catalog(self) -> Catalog:
         return self._catalog
 
@@ -111,9 +106,13 @@ class Daemon:
         self._lockfile = _lock_state_dir(Path(self.settings.state_dir).expanduser())
         self._store = app.open_store(self.settings)
         self.store.audit("daemon.started", actor="daemon", details={"pid": os.getpid()})
+        self._firing = Firing(self.settings, self.store, clock=self._clock,
+                              catalog=lambda: self._catalog, stopping=self._stopping,
+                              announce=self._announce, changed=self._status_changed,
+                              lease_poll=self._lease_poll)
         resume_parked_runs(self.settings, self.store)
         self.reload("start", initial=True)
-        self._catch_up()
+        self.firing.catch_up()
         self._scheduler.start()
         if self._listen is not None:
             self._http = StatusServer(self._listen, self.health, self.metrics)
@@ -182,12 +181,10 @@ class Daemon:
         if self._http is not None:
             self._http.close()
             self._http = None
-        deadline = time.monotonic() + self._stop_timeout
-        with self._lock:
-            threads = list(self._runs.values())
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        left = [t.name for t in threads if t.is_alive()]
+        left: list[str] = []
+        if self._firing is not None:
+            self._firing.wait_idle(self._stop_timeout)
+            left = self._firing.in_flight()
         if left:
             log.error("stop timeout (%s) passed with runs in flight: %s; they will be recorded "
                       "interrupted at the next start", format_duration(self._stop_timeout), left)
@@ -204,15 +201,8 @@ class Daemon:
         return not left
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no run of this daemon is in flight (tests and graceful stop)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                threads = list(self._runs.values())
-            if not threads:
-                return True
-            threads[0].join(max(0.0, deadline - time.monotonic()))
-        return False
+        """Wait until no run of this daemon is in flight (tests)."""
+        return self.firing.wait_idle(timeout)
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.request_stop(signal.Signals(signum).name)
@@ -308,177 +298,6 @@ class Daemon:
                 # A new or changed schedule starts now: times it never had are not "missed".
                 self.store.set_handled_until(name, self._clock())
 
-    # ------------------------------------------------------------------------------ fires
-
-    def _catch_up(self) -> None:
-        """At start: fires missed while the daemon was down, from the store's records."""
-        now = self._clock()
-        for name, entry in sorted(self._catalog.runbooks.items()):
-            book = entry.runbook
-            if book.schedule is None:
-                continue
-            mark = self.store.handled_until(name)
-            if mark is None:  # never scheduled before: nothing can have been missed
-                self.store.set_handled_until(name, now)
-                continue
-            missed = fire_times_between(book.schedule, book.timezone, mark, now)
-            for older in missed[:-1][-OLDER_MISSES_RECORDED:]:
-                self.store.claim_fire(name, older, MISSED, "the daemon was down; only the "
-                                      "newest missed fire may run late")
-            if len(missed) > 1:
-                self._announce(name, "missed", f"{len(missed) - 1} older fire(s) missed while "
-                               f"the daemon was down ({missed[0].isoformat()} .. "
-                               f"{missed[-2].isoformat()}); not run")
-            if missed:
-                self.decide(name, missed[-1].astimezone(UTC), late=True)
-
-    def decide(self, name: str, fire_time: datetime, *, late: bool = False) -> None:
-        """One fire: record the decision, then (maybe) start the run in its own thread."""
-        with self._lock:
-            entry = self._catalog.runbooks.get(name)
-            if entry is None:
-                return
-            refusal = self._refusal(entry, fire_time)
-            if refusal is not None:
-                decision, reason = refusal
-                if self.store.claim_fire(name, fire_time, decision, reason) is not None:
-                    log.warning("%s fire at %s %s: %s", name, fire_time.isoformat(), decision,
-                                reason)
-                    self._announce(name, decision, f"fire at {fire_time.isoformat()}: {reason}")
-                return
-            fire_id = self.store.claim_fire(name, fire_time, LATE if late else STARTED,
-                                            "ran late: the daemon was down at the fire time"
-                                            if late else None)
-            if fire_id is None:
-                return  # decided before (a restart, another daemon): never run it twice
-            if late:  # the miss is news even though it is being made up for
-                self._announce(name, LATE, f"the fire at {fire_time.isoformat()} was missed "
-                               "while the daemon was down; running it now, late")
-            thread = threading.Thread(target=self._run, args=(entry, fire_id, fire_time, late),
-                                      name=f"run-{name}")
-            self._runs[name] = thread
-            thread.start()
-        if self._scheduler.running:  # before READY, the status would say "0 scheduled"
-            self._notifier.status(self._status())
-
-    def _refusal(self, entry: Accepted, fire_time: datetime) -> tuple[str, str] | None:
-        now, book = self._clock(), entry.runbook
-        grace = self.settings.misfire_grace
-        if self._stopping.is_set():
-            return SKIPPED, "the daemon is stopping"
-        if now - fire_time > timedelta(seconds=grace):
-            return MISSED, (f"{format_duration((now - fire_time).total_seconds() // 60 * 60)} "
-                            f"late, beyond misfire_grace of {format_duration(grace)}; not run")
-        if book.window is not None and now >= fire_time + timedelta(seconds=book.window):
-            return MISSED, f"its window of {format_duration(book.window)} has closed; not run"
-        stop = self.store.stop_state()
-        if stop is not None:
-            return SKIPPED, f"kill switch set by {stop.by}: {stop.reason}"
-        return (SKIPPED, overlap) if (overlap := self._overlap(entry.name)) else None
-
-    def _overlap(self, name: str) -> str | None:
-        running = self._runs.get(name)
-        if running is not None and running.is_alive():
-            return "overlap: the previous run of this runbook is still running"
-        self.store.reap_interrupted()
-        for run in self.store.list_runs(limit=5, runbook=name, status=RunStatus.RUNNING):
-            if not run.dry_run:
-                return f"overlap: run {run.id} (started by {run.started_by}) is still running"
-        return None
-
-    # ------------------------------------------------------------------------------ runs
-
-    def _run(self, entry: Accepted, fire_id: int, fire_time: datetime, late: bool) -> None:
-        try:
-            outcome = self._execute_when_hosts_free(self._plan(entry), fire_id, fire_time, late)
-            if outcome is None:
-                return
-            self.store.update_fire(fire_id, run_id=outcome.run_id)
-            log.info("%s run %s: %s", entry.name, outcome.run_id, outcome.status)
-        except MaintenanceBotError as exc:
-            self.store.update_fire(fire_id, decision=FAILED, reason=f"could not start: {exc}")
-            self._announce(entry.name, FAILED, f"scheduled run could not start: {exc}")
-        except Exception as exc:  # a bug must be loud, and must not kill the daemon
-            log.exception("scheduled run of %s crashed", entry.name)
-            self.store.update_fire(fire_id, decision=FAILED, reason=f"internal error: {exc}")
-        finally:
-            with self._lock:
-                self._runs.pop(entry.name, None)
-            if self._scheduler.running:
-                self._notifier.status(self._status())
-
-    def _plan(self, entry: Accepted) -> Plan:
-        """The plan from the files as they are; if they are invalid now, from the last valid
-        version (the run records which content it ran, by hash)."""
-        try:
-            return app.prepare(self.settings, str(entry.path), None, None)
-        except (ConfigError, OSError) as exc:
-            inventory = self._catalog.inventory
-            if inventory is None:
-                raise
-            log.warning("%s: the file is not valid now (%s); running the last valid version",
-                        entry.name, exc)
-            return build_plan(entry.runbook, inventory, entry.source)
-
-    def _rest_of_window(self, plan: Plan, fire_time: datetime) -> Plan:
-        """The window opened at the fire time: a late run, or one that waited for hosts, gets
-        only what is left of it (the engine counts a window from the run's start)."""
-        window = plan.runbook.window
-        if window is None:
-            return plan
-        left = max(0.001, window - (self._clock() - fire_time).total_seconds())
-        return replace(plan, runbook=plan.runbook.model_copy(update={"window": min(window, left)}))
-
-    def _linker(self, fire_id: int) -> Callable[[Event], None]:
-        """An observer that writes the run id onto the fire as soon as the run has one."""
-        linked: list[str] = []
-
-        def observe(event: Event) -> None:
-            if not linked:
-                linked.append(event.run_id)
-                self.store.update_fire(fire_id, run_id=event.run_id)
-
-        return observe
-
-    def _execute_when_hosts_free(self, plan: Plan, fire_id: int, fire_time: datetime,
-                                 late: bool) -> RunOutcome | None:
-        """Run `plan` once no other run holds its hosts (see the module doc); None if it gave
-        up waiting. `app.execute` takes the leases itself, as for a CLI run: a host taken
-        between our look and the run's lease just means another turn of waiting."""
-        hosts = [host.name for host in plan.hosts]
-        give_up = time.monotonic() + plan.runbook.timeout
-        waited = False
-        while True:
-            busy = self.store.busy_hosts(hosts)
-            if not busy:
-                try:
-                    return app.execute(self.settings, self._rest_of_window(plan, fire_time),
-                                       dry_run=False, observer=self._linker(fire_id),
-                                       started_by="daemon (late)" if late else "daemon")
-                except HostsBusy as exc:
-                    busy = exc.busy
-            if not waited:
-                waited = True
-                log.info("%s waits for hosts held by other runs: %s", plan.runbook.name, busy)
-                self.store.audit("schedule.waiting_for_hosts", actor="daemon", details={
-                    "runbook": plan.runbook.name, "fire": fire_id, "busy": busy})
-            why = self._why_stop_waiting(plan, fire_time, give_up)
-            if why is not None:
-                reason = (f"hosts still in other runs when {why}: "
-                          + ", ".join(f"{h} ({who})" for h, who in sorted(busy.items())))
-                self.store.update_fire(fire_id, decision=SKIPPED, reason=reason)
-                self._announce(plan.runbook.name, SKIPPED, reason)
-                return None
-            self._stopping.wait(self._lease_poll)
-
-    def _why_stop_waiting(self, plan: Plan, fire_time: datetime, give_up: float) -> str | None:
-        window = plan.runbook.window
-        if window is not None and self._clock() >= fire_time + timedelta(seconds=window):
-            return "its window closed"
-        if self._stopping.is_set():
-            return "the daemon is stopping"
-        return "its timeout passed" if time.monotonic() >= give_up else None
-
     # ------------------------------------------------------------------------------ reports
 
     @property
@@ -487,8 +306,7 @@ class Daemon:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy: scheduling, not stopping, and the main loop (if running) turned recently."""
-        with self._lock:
-            running = sorted(self._runs)
+        running = self.firing.running()
         stale = (self._last_tick is not None
                  and time.monotonic() - self._last_tick > max(3 * self._poll_interval, 5.0))
         problem = ("stopping" if self._stopping.is_set() else
@@ -498,13 +316,15 @@ class Daemon:
                                  "scheduled": len(self._scheduler.next_fires())}
 
     def metrics(self) -> str:
-        with self._lock:
-            running = list(self._runs)
+        running = self.firing.running()
         return render_metrics(self.store.metrics(), Live(self._scheduler.next_fires(), running))
 
+    def _status_changed(self) -> None:
+        if self._scheduler.running:  # before READY, the status would say "0 scheduled"
+            self._notifier.status(self._status())
+
     def _status(self) -> str:
-        with self._lock:
-            running = sorted(self._runs)
+        running = self.firing.running() if self._firing is not None else []
         fires = {n: t for n, t in self._scheduler.next_fires().items() if t is not None}
         text = f"{len(fires)} runbook(s) scheduled"
         if fires:
