@@ -14,7 +14,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -117,6 +117,13 @@ def world(fleet: Fleet, tmp_path: Path, clock: FakeClock) -> Iterator[World]:
     for daemon in made.daemons:
         if daemon._store is not None:
             daemon.stop("test over")
+
+
+def until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def utc(text: str) -> datetime:
@@ -233,9 +240,9 @@ def test_a_run_waiting_for_busy_hosts_gives_up_when_its_window_closes(world: Wor
     world.clock.now = utc("2026-11-22 02:59")
     daemon = world.start()
     world.move_to(daemon, utc("2026-11-22 03:00:01"))
-    time.sleep(0.5)  # the hog's run holds the host now
+    until(lambda: bool(world.runs("hog")))  # the hog's run holds the host now
     world.move_to(daemon, utc("2026-11-22 03:01:01"))
-    time.sleep(0.3)
+    until(lambda: bool(world.audit("schedule.waiting_for_hosts")))
     world.clock.now = utc("2026-11-22 03:11:02")  # the patient one's window has closed
     assert daemon.wait_idle(30)
     patient = world.fires("patient")
@@ -433,10 +440,7 @@ def test_a_cli_run_is_refused_on_a_host_a_scheduled_run_holds(world: World) -> N
     world.clock.now = utc("2026-11-22 02:59")
     daemon = world.start()
     world.move_to(daemon, utc("2026-11-22 03:00:01"))
-    deadline = time.monotonic() + 10
-    while not world.runs("hog"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    until(lambda: bool(world.runs("hog")))
 
     def cli_run() -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "maintenancebot", "--config", str(config),
