@@ -17,6 +17,7 @@ import fcntl
 import importlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -70,6 +71,7 @@ class Daemon:
         self._hup = False
         self._watcher = ChangeWatcher(settings)
         self._firing: Firing | None = None
+        self._announcer: _Announcer | None = None
         self._scheduler = CronScheduler(lambda name, fire: self.firing.decide(name, fire))
         self._lockfile: IO[str] | None = None
         self._store: RunStore | None = None
@@ -104,6 +106,7 @@ class Daemon:
     def start(self) -> None:
         """Lock the state dir, load, catch up on missed fires, schedule, tell systemd READY."""
         self._lockfile = _lock_state_dir(Path(self.settings.state_dir).expanduser())
+        self._announcer = _Announcer(self.settings)
         self._store = app.open_store(self.settings)
         self.store.audit("daemon.started", actor="daemon", details={"pid": os.getpid()})
         self._firing = Firing(self.settings, self.store, clock=self._clock,
@@ -188,6 +191,9 @@ class Daemon:
         if left:
             log.error("stop timeout (%s) passed with runs in flight: %s; they will be recorded "
                       "interrupted at the next start", format_duration(self._stop_timeout), left)
+        if self._announcer is not None:
+            self._announcer.close(10.0)
+            self._announcer = None
         if self._store is not None:
             self.store.audit("daemon.stopped", actor="daemon",
                              details={"reason": reason, "runs_left": left})
@@ -333,14 +339,38 @@ class Daemon:
         return text + (f"; running: {', '.join(running)}" if running else "")
 
     def _announce(self, runbook: str, status: str, text: str) -> None:
-        """Tell the notifiers (Slack) about a decision that is not a run; never raises."""
-        message = RunMessage(run_id="", runbook=runbook, status=status, dry_run=False,
-                             headline=f"maintenancebot daemon: {runbook}: {status}",
-                             summary=text, details="")
-        try:
-            notify_all(notifiers_from_settings(self.settings, os.environ, None), message)
-        except MaintenanceBotError as exc:
-            log.warning("could not notify about %s (%s): %s", runbook, status, exc)
+        """Tell the notifiers (Slack) about a decision that is not a run; never blocks."""
+        if self._announcer is not None:
+            self._announcer.post(runbook, status, text)
+
+
+class _Announcer:
+    """Sends the daemon's own news (missed, skipped, rejected edits) from one thread, so a slow
+    or failing Slack never holds up a scheduling decision, a reload or READY."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._queue: queue.Queue[RunMessage | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="announce", daemon=True)
+        self._thread.start()
+
+    def post(self, runbook: str, status: str, text: str) -> None:
+        self._queue.put(RunMessage(run_id="", runbook=runbook, status=status, dry_run=False,
+                                   headline=f"maintenancebot daemon: {runbook}: {status}",
+                                   summary=text, details=""))
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued (for at most `timeout`), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                notify_all(notifiers_from_settings(self._settings, os.environ, None), message)
+            except MaintenanceBotError as exc:  # Slack configured but unusable: logged
+                log.warning("could not notify about %s (%s): %s", message.runbook,
+                            message.status, exc)
 
 
 def resume_parked_runs(settings: Settings, store: RunStore) -> None:

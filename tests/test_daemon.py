@@ -28,7 +28,7 @@ from maintenancebot.scheduling import fire_times_between
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import FireRecord, RunRecord, RunStore
 from maintenancebot.testing.fleet import Fleet
-from tests.httpfakes import fake_server, slack_ok
+from tests.httpfakes import Reply, fake_server, slack_ok
 
 
 class FakeClock:
@@ -507,6 +507,9 @@ def test_a_missed_fire_and_a_rejected_edit_are_sent_to_slack(
         path.write_text(path.read_text().replace("steps:", "stepz:"))
         daemon.poll()
         assert daemon.poll()
+        # Sent from the daemon's announcer thread: scheduling never waits for Slack.
+        until(lambda: any("stepz" in json.dumps(r.json()) for r in slack.requests))
+        assert daemon.stop("test over")  # while Slack still answers: the queue drains
         posted = [json.dumps(request.json()) for request in slack.requests]
     assert any("nightly: late" in text and "missed while the daemon was down" in text
                for text in posted), posted
@@ -523,3 +526,23 @@ def test_fires_while_the_kill_switch_is_set_are_skipped_and_recorded(world: Worl
     (fire,) = world.fires("nightly")
     assert fire.decision == "skipped" and "incident 4711" in (fire.reason or "")
     assert world.runs() == []
+
+
+def test_a_slow_slack_does_not_hold_up_the_schedule(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1-test")
+    world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
+    slow = Reply(200, {"ok": True, "channel": "C1", "ts": "1.2", "message": {"ts": "1.2"}},
+                 delay=1.5)
+    with fake_server([slow]) as slack:
+        world.settings = world.settings.model_copy(update={"slack": SlackSettings(
+            channel="#maintenance", base_url=slack.url + "api/")})
+        daemon = world.start()
+        daemon.stop("restart")
+        world.clock.now = utc("2026-11-22 10:00")  # 03:00 missed beyond grace: announced
+        began = time.monotonic()
+        daemon = world.start()
+        assert time.monotonic() - began < 1.0  # READY did not wait for Slack's 1.5 s
+        assert [f.decision for f in world.fires("nightly")] == ["missed"]
+        until(lambda: len(slack.requests) >= 1)
+        assert daemon.stop("test over")  # while Slack still answers: the queue drains
