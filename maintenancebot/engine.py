@@ -66,7 +66,8 @@ class Engine:
         control = RunControl(
             run_id, self._store, timeout=plan.runbook.timeout, max_failures=plan.max_failures,
             observer=self._observer, action_state=self._action_state,
-            window=plan.runbook.window,
+            # A dry-run shows every host's plan: the window limits real runs only.
+            window=None if dry_run else plan.runbook.window,
         )
         run_vars = {"id": run_id, "dry_run": dry_run,
                     "started_at": datetime.now(UTC).isoformat(timespec="seconds")}

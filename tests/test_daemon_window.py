@@ -35,3 +35,12 @@ def test_a_window_long_enough_lets_every_host_start(fleet: Fleet, tmp_path: Path
         steps: [{name: work, run: "true"}]
     """)
     assert outcome.status is RunStatus.SUCCEEDED
+
+
+def test_a_dry_run_shows_every_host_whatever_the_window(fleet: Fleet, tmp_path: Path) -> None:
+    outcome = Bench(fleet, tmp_path).run("""
+        window: 1s
+        concurrency: 1
+        steps: [{name: look, run: "sleep 0.6", readonly: true}]
+    """, dry_run=True)
+    assert set(outcome.hosts.values()) == {HostStatus.SUCCEEDED}
