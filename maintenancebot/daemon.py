@@ -69,6 +69,7 @@ class Daemon:
         self._catalog = Catalog()
         self._stopping = threading.Event()
         self._hup = False
+        self._signalled: str | None = None  # SIGTERM/SIGINT seen by the handler
         self._watcher = ChangeWatcher(settings)
         self._firing: Firing | None = None
         self._announcer: _Announcer | None = None
@@ -133,14 +134,14 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         self.start()
         try:
-            while not self._stopping.is_set():
-                # Short waits and plain flags: a signal handler must not touch locks.
+            while not self._stopping.is_set() and self._signalled is None:
+                # Short waits, because the signal handlers only set plain flags (see below).
                 self._stopping.wait(min(self._poll_interval, 0.25))
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self._signalled is not None:
                     break
                 self.tick()
         finally:
-            self.stop("SIGTERM")
+            self.stop(self._signalled or "stopped")
         return 0
 
     def tick(self) -> None:
@@ -167,10 +168,8 @@ class Daemon:
         return False
 
     def request_stop(self, reason: str) -> None:
-        """Halt every run before its next step; `serve` then stops. Safe in a signal handler:
-        it only sets flags."""
-        PROCESS_STOP.request(f"daemon stopping ({reason}): the step in flight finished, "
-                             "no further step started")
+        """Halt every run before its next step; `serve` then stops."""
+        PROCESS_STOP.request(_stop_reason(reason))
         self._stopping.set()
 
     def stop(self, reason: str) -> bool:
@@ -210,8 +209,13 @@ class Daemon:
         """Wait until no run of this daemon is in flight (tests)."""
         return self.firing.wait_idle(timeout)
 
+    # A handler runs in the main thread between two bytecodes, possibly while that thread holds
+    # a lock (an Event's, the store's): handlers only assign, and the main loop does the rest.
+
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.request_stop(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        PROCESS_STOP.request(_stop_reason(name))  # runs halt before their next step at once
+        self._signalled = name
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         self._hup = True
@@ -371,6 +375,10 @@ class _Announcer:
             except MaintenanceBotError as exc:  # Slack configured but unusable: logged
                 log.warning("could not notify about %s (%s): %s", message.runbook,
                             message.status, exc)
+
+
+def _stop_reason(why: str) -> str:
+    return f"daemon stopping ({why}): the step in flight finished, no further step started"
 
 
 def resume_parked_runs(settings: Settings, store: RunStore) -> None:

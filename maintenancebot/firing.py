@@ -38,6 +38,7 @@ Clock = Callable[[], datetime]
 Announce = Callable[[str, str, str], None]  # (runbook, status, text) -> notifiers
 STARTED, LATE, SKIPPED, MISSED, FAILED = "started", "late", "skipped", "missed", "failed"
 OLDER_MISSES_RECORDED = 100  # a month-long outage of an every-minute runbook stays bounded
+MISSED_LOOKBACK = timedelta(days=31)
 
 
 class Firing:
@@ -88,7 +89,10 @@ class Firing:
             if mark is None:  # never scheduled before: nothing can have been missed
                 self.store.set_handled_until(name, now)
                 continue
-            missed = fire_times_between(book.schedule, book.timezone, mark, now)
+            # A month back is plenty to report; an every-minute runbook down for a year would
+            # otherwise cost half a million trigger steps before READY.
+            missed = fire_times_between(book.schedule, book.timezone,
+                                        max(mark, now - MISSED_LOOKBACK), now)
             for older in missed[:-1][-OLDER_MISSES_RECORDED:]:
                 self.store.claim_fire(name, older, MISSED, "the daemon was down; only the "
                                       "newest missed fire may run late")
