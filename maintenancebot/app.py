@@ -94,14 +94,16 @@ def execute(
 
 @contextmanager
 def host_leases(store: RunStore, plan: Plan, run_id: str, *, dry_run: bool) -> Iterator[None]:
-    """A host is never in two real runs at once, from the CLI or the daemon (DESIGN §5): all of
-    the plan's hosts are leased for the run, or HostsBusy is raised before anything starts.
-    A dry-run only reads, and takes no lease."""
+    """A host is never in two real runs at once, and a runbook never runs twice at once, from
+    the CLI or the daemon (DESIGN §5): the plan's hosts and its runbook are leased for the run,
+    or HostsBusy is raised before anything starts. A dry-run only reads, and takes no lease."""
     if dry_run:
         yield
         return
     holder = f"run {run_id}"
-    busy = store.acquire_hosts([host.name for host in plan.hosts], holder, plan.runbook.name)
+    # The runbook itself is leased too: it never runs twice at once, even on disjoint hosts.
+    keys = [host.name for host in plan.hosts] + [f"runbook {plan.runbook.name}"]
+    busy = store.acquire_hosts(keys, holder, plan.runbook.name)
     if busy:
         raise HostsBusy(busy)
     try:

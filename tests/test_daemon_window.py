@@ -1,11 +1,17 @@
-"""A runbook's `window`: no host starts after it has closed; hosts already going finish; the
-run says which hosts were left for next time. Real runs on the sshd fleet."""
+"""Run-level limits on the real code path: a runbook's `window` (no host starts after it has
+closed; hosts already going finish; the run says which hosts were left) and the runbook lease
+(never two runs of one runbook at once). Real runs on the sshd fleet."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
 from maintenancebot.states import HostStatus, RunStatus
+from maintenancebot.store import HostsBusy
 from maintenancebot.testing.fleet import Fleet
 from tests.harness import Bench
 
@@ -44,3 +50,22 @@ def test_a_dry_run_shows_every_host_whatever_the_window(fleet: Fleet, tmp_path: 
         steps: [{name: look, run: "sleep 0.6", readonly: true}]
     """, dry_run=True)
     assert set(outcome.hosts.values()) == {HostStatus.SUCCEEDED}
+
+
+def test_a_runbook_never_runs_twice_at_once_even_on_disjoint_hosts(
+        fleet: Fleet, tmp_path: Path) -> None:
+    bench = Bench(fleet, tmp_path)
+    text = 'steps: [{name: hold, run: "sleep 1.5"}]'
+    first = threading.Thread(target=bench.run, args=(text,), kwargs={"narrow": [fleet.names[0]]})
+    first.start()
+    try:
+        with bench.store() as store:  # wait until the first run holds its leases
+            for _ in range(200):
+                if store.list_runs():
+                    break
+                time.sleep(0.02)
+        with pytest.raises(HostsBusy, match="runbook test"):
+            bench.run(text, narrow=[fleet.names[1]])
+    finally:
+        first.join()
+    assert bench.run(text, narrow=[fleet.names[1]]).status is RunStatus.SUCCEEDED
