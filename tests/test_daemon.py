@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -546,3 +547,29 @@ def test_a_slow_slack_does_not_hold_up_the_schedule(
         assert [f.decision for f in world.fires("nightly")] == ["missed"]
         until(lambda: len(slack.requests) >= 1)
         assert daemon.stop("test over")  # while Slack still answers: the queue drains
+
+
+def test_startup_resumes_runs_parked_on_approvals_through_the_hook(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The approvals module (issue 4) provides resume_waiting_runs(settings, store); until it
+    # lands, a stand-in module shows the daemon calls it once, before anything is scheduled.
+    calls: list[tuple[object, object, dict[str, object]]] = []
+    stand_in = types.ModuleType("maintenancebot.approvals")
+
+    def resume_waiting_runs(settings: Settings, store: RunStore) -> None:
+        calls.append((settings, store, dict(daemon_next_fires())))
+
+    stand_in.resume_waiting_runs = resume_waiting_runs  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "maintenancebot.approvals", stand_in)
+    world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
+    daemon = Daemon(world.settings, clock=world.clock)
+    world.daemons.append(daemon)
+
+    def daemon_next_fires() -> dict[str, object]:
+        return dict(daemon.next_fires())
+
+    daemon.start()
+    assert len(calls) == 1
+    settings, store, scheduled_then = calls[0]
+    assert settings is world.settings and store is daemon.store
+    assert scheduled_then == {}  # nothing was scheduled yet when parked runs resumed

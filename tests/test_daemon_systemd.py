@@ -24,6 +24,7 @@ def _verify_root(tmp: Path) -> Path:
     friends, which verify follows), our units, and the programs their Exec lines name."""
     root = tmp / "root"
     shutil.copytree(SYSTEM_UNITS, root / SYSTEM_UNITS.relative_to("/"), symlinks=True)
+    (root / "lib").symlink_to("usr/lib")  # merged /usr, for unit links that name /lib/...
     (root / "etc/systemd/system").mkdir(parents=True)
     for unit in UNITS.iterdir():
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
