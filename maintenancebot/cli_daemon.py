@@ -71,6 +71,8 @@ def daemon(state: _State, poll: float, stop_timeout: float,
         root.setLevel(logging.INFO)
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if root.level > logging.DEBUG:  # APScheduler's job bookkeeping is noise; -vv shows it
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     sys.exit(Daemon(state.settings, poll_interval=poll, stop_timeout=stop_timeout,
                     listen=listen, git_pull=git_pull).serve())
 

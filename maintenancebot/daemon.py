@@ -124,7 +124,9 @@ class Daemon:
         if self._git_pull is not None:
             threading.Thread(target=self._git_loop, args=(self._git_pull,), name="git-sync",
                              daemon=True).start()
-        self._notifier.ready(self._status())
+        status = self._status()
+        self._notifier.ready(status)
+        log.info("ready: %s", status)
         self._last_ping = time.monotonic()
 
     def serve(self) -> int:
@@ -201,6 +203,7 @@ class Daemon:
         if self._lockfile is not None:
             self._lockfile.close()
             self._lockfile = None
+        log.info("stopped (%s)", reason)
         if not left:
             PROCESS_STOP.clear()  # an in-process restart (tests) starts with a clean slate
         return not left
