@@ -258,8 +258,8 @@ def _print_summary(run: Any) -> None:
         for line in ["", *run.summary_text.rstrip("\n").splitlines()]:
             # Every line of a dry-run's output says so, even when grepped out of context.
             if run.dry_run:
-                if not line.strip():
-                    continue
+                if not line.strip() or "nothing was changed on any host" in line:
+                    continue  # blank, or said already under the table
                 line = line if line.startswith("DRY RUN") else f"DRY RUN {line}"
             click.echo(line)
     if run.notify_state == "failed":
