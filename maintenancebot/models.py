@@ -222,6 +222,27 @@ class SlackSettings(_Model):
     channel: str | None = None
     signing_secret_env: str = "SLACK_SIGNING_SECRET"
     base_url: str = "https://slack.com/api/"
+    # Approval buttons reach the daemon one of two ways: Slack POSTs to an HTTP endpoint
+    # (usually behind a TLS reverse proxy), or the daemon dials out over Socket Mode.
+    interactivity_listen: str | None = None
+    socket_mode: bool = False
+    app_token_env: str = "SLACK_APP_TOKEN"
+
+    @field_validator("interactivity_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)
+        return value
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[::1]:PORT') -> (host, port); a bare ':PORT' means 127.0.0.1, and
+    port 0 any free port (tests)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8787")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class LlmSettings(_Model):

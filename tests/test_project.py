@@ -20,7 +20,9 @@ BOUNDARIES = {
     "yaml": {"yamlsource.py"},
     "jinja2": {"templating.py"},
     "apscheduler": {"scheduling.py"},
-    "slack_sdk": {"notify/slack.py"},
+    # the run notifier, and approvals: the request message, the endpoint, Socket Mode
+    "slack_sdk": {"notify/slack.py", "notify/slack_approvals.py", "notify/slack_actions.py",
+                  "notify/slack_socket.py"},
     "openai": {"llm.py"},
     "docker": {"actions/docker_prune.py"},
     "sqlite3": {"store.py"},
