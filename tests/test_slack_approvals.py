@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
 import threading
 import time
 import urllib.error
@@ -24,12 +25,17 @@ from typing import Any, Self
 import pytest
 from websockets.sync.server import ServerConnection, serve
 
+from maintenancebot import app
 from maintenancebot.daemon import Daemon
+from maintenancebot.engine import RunOutcome
 from maintenancebot.models import Approvers, Settings, SlackSettings
 from maintenancebot.notify.slack_actions import SlackInbound, SlackSetupError
 from maintenancebot.notify.slack_approvals import SlackApprovals
 from maintenancebot.redact import Redactor
+from maintenancebot.states import RunStatus
 from maintenancebot.store import RunStore
+from maintenancebot.testing.fleet import Fleet
+from tests.harness import Bench
 from tests.httpfakes import FakeServer, Recorded, Reply, fake_server, slack_ok
 
 BOT_TOKEN = "xoxb-111111111111-2222222222222-AbCdEfGhIjKlMnOpQrStUvWx"
@@ -463,3 +469,81 @@ def test_socket_mode_needs_the_app_token(desk: Desk) -> None:
     with fake_server([slack_ok()]) as slack, pytest.raises(SlackSetupError,
                                                            match="SLACK_APP_TOKEN"):
         SlackInbound.start(socket_settings(desk, slack), desk.store, environ={})
+
+
+# ------------------------------------------------------------------------------ end to end
+
+GATED = """
+hosts: all
+vars: {db_password: "env:E2E_DB_PASSWORD"}
+steps:
+  - name: flag
+    readonly: true
+    run: cat {{ root }}/flag 2>/dev/null || echo no
+    register: flag
+  - name: reboot
+    when: "flag.stdout == 'yes'"
+    approval: {required: true, timeout: 5m}
+    run: touch {{ root }}/rebooted && echo {{ db_password }} > /dev/null
+    rollback: rm -f {{ root }}/rebooted
+  - name: after
+    run: touch {{ root }}/after
+"""
+
+
+def test_a_click_in_slack_resumes_a_parked_run_on_real_hosts(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_BOT_TOKEN", BOT_TOKEN)
+    monkeypatch.setenv("E2E_DB_PASSWORD", PLANTED)
+    names = fleet.names
+    for name in names:
+        subprocess.run(["rm", "-rf", str(fleet.root(name))], check=True)
+        fleet.root(name).mkdir(parents=True)
+    (fleet.root(names[0]) / "flag").write_text("yes\n")
+    bench = Bench(fleet, tmp_path)
+    outcome: list[RunOutcome] = []
+    with fake_server([slack_ok(ts=MESSAGE_TS)]) as slack:
+        settings = Settings(
+            state_dir=str(tmp_path / "state"), ssh=fleet.ssh_settings,
+            approvers=Approvers(slack=[APPROVER]),
+            slack=SlackSettings(channel="C0MAINT", base_url=slack.url + "api/",
+                                interactivity_listen="127.0.0.1:0"))
+        plan = app.prepare(settings, str(bench.write_runbook(GATED)), str(bench.inventory), None)
+        runner = threading.Thread(target=lambda: outcome.append(app.execute(
+            settings, plan, dry_run=False, started_by="alice")))
+        runner.start()
+        with app.open_store(settings) as store:
+            inbound = SlackInbound.start(settings, store, environ={
+                "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_BOT_TOKEN": BOT_TOKEN})
+            assert inbound is not None and inbound.http_address is not None
+            try:
+                deadline = time.monotonic() + 60
+                while not [r for r in store.list_approvals() if r.notice.get("ts")]:
+                    assert time.monotonic() < deadline, "the request was not posted"
+                    time.sleep(0.05)
+                (request,) = store.list_approvals()
+                assert [h.host for h in request.hosts] == [names[0]]
+                assert not (fleet.root(names[0]) / "rebooted").exists()
+                payload = click_payload(request.id, APPROVER, slack.url + "hook")
+                assert post(inbound.http_address, *signed(payload)) == (200, "ok\n")
+                runner.join(60)
+                assert not runner.is_alive(), "the run did not finish after the click"
+            finally:
+                inbound.close()
+            record = store.get_approval(request.id)
+    assert outcome[0].status is RunStatus.SUCCEEDED
+    assert (fleet.root(names[0]) / "rebooted").exists()
+    for name in names:
+        assert (fleet.root(name) / "after").exists()
+        assert (fleet.root(name) / "rebooted").exists() == (name == names[0])
+    assert (record.status, record.hosts[0].decided_by, record.hosts[0].channel) == (
+        "closed", APPROVER, "slack")
+    calls = [(r.path, r.json()) for r in slack.requests]
+    posted = next(body for path, body in calls if path == "/api/chat.postMessage"
+                  and any(b["type"] == "actions" for b in body.get("blocks", [])))
+    assert "[REDACTED]" in json.dumps(posted["blocks"])
+    (update,) = [body for path, body in calls if path == "/api/chat.update"]
+    assert update["ts"] == MESSAGE_TS and not [b for b in update["blocks"]
+                                               if b["type"] == "actions"]
+    assert f"approved by <@{APPROVER}>" in json.dumps(update["blocks"])
+    assert PLANTED.encode() not in slack.all_bytes()
