@@ -9,11 +9,12 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from maintenancebot.approvals import ApprovalNotifier, Fanout, LogNotifier
 from maintenancebot.engine import Engine, RunOutcome
 from maintenancebot.errors import ConfigError, ConfigIssue, NotFound
 from maintenancebot.inventory import resolve_inventory
@@ -22,7 +23,8 @@ from maintenancebot.models import Settings
 from maintenancebot.plan import Plan, RunbookSource, build_plan
 from maintenancebot.reporting import guard_logs, redactor_for, report_run
 from maintenancebot.runcontrol import Observer
-from maintenancebot.store import HostsBusy, RunStore, new_run_id
+from maintenancebot.states import RunStatus
+from maintenancebot.store import HostsBusy, RunRecord, RunStore, new_run_id
 from maintenancebot.transports import open_transport
 
 DB_NAME = "maintenancebot.db"
@@ -68,28 +70,75 @@ def prepare(
 def execute(
     settings: Settings, plan: Plan, *, dry_run: bool, observer: Observer | None = None,
     started_by: str | None = None, store: RunStore | None = None, notify: bool = False,
-    console: TextIO | None = None,
+    console: TextIO | None = None, wait: bool = True,
+    approval_echo: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run `plan`, then report it: to `console` if given, and to Slack for a real run (or a
-    dry-run with `notify`). Secrets of this run are redacted from the store and the logs."""
+    dry-run with `notify`). Secrets of this run are redacted from the store and the logs.
+    `wait=False`: return (status `waiting`) once every host is done or parked on an approval;
+    the daemon resumes the run when the approvals are answered."""
     own_store = store is None
     store = store or open_store(settings)
     try:
         redactor = redactor_for(settings, plan_secrets(plan))
         store.set_redactor(redactor)
         guard_logs(redactor)
-        engine = Engine(store, lambda host: open_transport(host, settings.ssh), observer=observer,
-                        action_state={"trash_retention": settings.trash_retention})
+        engine = _engine(settings, store, observer)
         run_id = new_run_id()
         with host_leases(store, plan, run_id, dry_run=dry_run):
-            outcome = engine.execute(plan, run_id, dry_run=dry_run,
-                                     started_by=started_by or current_user())
-        report_run(settings, store, outcome.run_id, redactor, post=notify or not dry_run,
-                   console=console)
+            outcome = engine.execute(
+                plan, run_id, dry_run=dry_run, started_by=started_by or current_user(),
+                wait=wait, notifier=approval_notifier(settings, redactor, approval_echo, store))
+        if outcome.status is not RunStatus.WAITING:
+            report_run(settings, store, outcome.run_id, redactor, post=notify or not dry_run,
+                       console=console)
         return outcome
     finally:
         if own_store:
             store.close()
+
+
+def resume(settings: Settings, store: RunStore, plan: Plan, run: RunRecord,
+           observer: Observer | None = None) -> RunOutcome | None:
+    """Take a waiting run and go on with it (see `resume`); None if another process took it
+    or one of its hosts is in another run now (it stays waiting)."""
+    from maintenancebot.resume import host_states
+
+    redactor = redactor_for(settings, plan_secrets(plan))
+    store.set_redactor(redactor)
+    guard_logs(redactor)
+    holder = f"run {run.id}"
+    busy = store.acquire_hosts(_lease_keys(plan), holder, plan.runbook.name)
+    if busy:
+        return None
+    try:
+        if not store.attach_run(run.id, current_user()):
+            return None
+        outcome = _engine(settings, store, observer).resume(
+            plan, run, host_states(plan, run, store),
+            notifier=approval_notifier(settings, redactor, None, store))
+    finally:
+        store.release_hosts(holder)
+    if outcome.status is not RunStatus.WAITING:
+        report_run(settings, store, outcome.run_id, redactor, post=True, console=None)
+    return outcome
+
+
+def _engine(settings: Settings, store: RunStore, observer: Observer | None) -> Engine:
+    return Engine(store, lambda host: open_transport(host, settings.ssh), observer=observer,
+                  action_state={"trash_retention": settings.trash_retention})
+
+
+def approval_notifier(settings: Settings, redactor: Callable[[str], str],
+                      echo: Callable[[str], None] | None,
+                      store: RunStore | None = None) -> ApprovalNotifier:
+    """The log (or the CLI's terminal), and Slack when a bot token is configured."""
+    notifiers: list[ApprovalNotifier] = [LogNotifier(echo)]
+    if settings.slack is not None and os.environ.get(settings.slack.token_env):
+        from maintenancebot.notify.slack_approvals import SlackApprovals
+
+        notifiers.append(SlackApprovals.from_settings(settings, redactor, store=store))
+    return Fanout(notifiers)
 
 
 @contextmanager
@@ -101,15 +150,18 @@ def host_leases(store: RunStore, plan: Plan, run_id: str, *, dry_run: bool) -> I
         yield
         return
     holder = f"run {run_id}"
-    # The runbook itself is leased too: it never runs twice at once, even on disjoint hosts.
-    keys = [host.name for host in plan.hosts] + [f"runbook {plan.runbook.name}"]
-    busy = store.acquire_hosts(keys, holder, plan.runbook.name)
+    busy = store.acquire_hosts(_lease_keys(plan), holder, plan.runbook.name)
     if busy:
         raise HostsBusy(busy)
     try:
         yield
     finally:
         store.release_hosts(holder)
+
+
+def _lease_keys(plan: Plan) -> list[str]:
+    # The runbook itself is leased too: it never runs twice at once, even on disjoint hosts.
+    return [host.name for host in plan.hosts] + [f"runbook {plan.runbook.name}"]
 
 
 def inventory_secrets(settings: Settings) -> list[Any]:

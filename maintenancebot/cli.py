@@ -32,7 +32,8 @@ from maintenancebot.states import RunStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ABORTED, EXIT_WAITING = 0, 1, 2, 3, 4
 _RUN_EXIT = {RunStatus.SUCCEEDED: EXIT_OK, RunStatus.FAILED: EXIT_FAILED,
-             RunStatus.ABORTED: EXIT_ABORTED, RunStatus.INTERRUPTED: EXIT_ABORTED}
+             RunStatus.ABORTED: EXIT_ABORTED, RunStatus.INTERRUPTED: EXIT_ABORTED,
+             RunStatus.WAITING: EXIT_WAITING}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -197,10 +198,14 @@ def plan(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
 @cli.command()
 @_with_run_options
 @click.option("--dry-run", is_flag=True, help="Only show what would happen (same as `plan`).")
+@click.option("--no-wait", is_flag=True,
+              help="Do not wait for approvals: once every host is done or parked, exit 4 and "
+                   "leave the run to the daemon, which goes on when the requests are answered.")
 @pass_state
 @_clean_errors
 def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-        as_json: bool, overrides: dict[str, Any], notify: bool, dry_run: bool) -> None:
+        as_json: bool, overrides: dict[str, Any], notify: bool, dry_run: bool,
+        no_wait: bool) -> None:
     """Run RUNBOOK on its hosts now.
 
     \b
@@ -208,12 +213,19 @@ def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, .
     parallel up to the runbook's `concurrency`; a failing step rolls back that host's completed
     steps (newest first); `max_failures` stops new hosts from starting. Every step is recorded
     before it runs: see `history` and `show RUN_ID`.
+
+    \b
+    A step with `approval:` parks its hosts until an approver answers (`maintenancebot
+    approvals`, `approve ID`, `deny ID`, or the Slack buttons); no answer by the deadline
+    counts as deny. The run waits here, or with --no-wait is left to the daemon (exit 4).
     """
-    _run(state, runbook, inventory, narrow, as_json, overrides, dry_run=dry_run, notify=notify)
+    _run(state, runbook, inventory, narrow, as_json, overrides, dry_run=dry_run, notify=notify,
+         wait=not no_wait)
 
 
 def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
-         as_json: bool, overrides: dict[str, Any], *, dry_run: bool, notify: bool) -> None:
+         as_json: bool, overrides: dict[str, Any], *, dry_run: bool, notify: bool,
+         wait: bool = True) -> None:
     from maintenancebot import app, views
     from maintenancebot.progress import LineProgress, LiveProgress
 
@@ -226,15 +238,22 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
                     if err.is_terminal else LineProgress(err, dry_run))
     store = app.open_store(settings)
     try:
+        def echo(line: str) -> None:  # approval requests, reminders, answers
+            err.print(line, style="yellow", markup=False)
+
         if progress is None:
             outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store,
-                                  notify=notify)
+                                  notify=notify, wait=wait, approval_echo=echo)
         else:
             with progress:
                 outcome = app.execute(settings, the_plan, dry_run=dry_run, observer=progress,
-                                      store=store, notify=notify)
+                                      store=store, notify=notify, wait=wait, approval_echo=echo)
         _print_run(views.run_document(store, outcome.run_id), as_json)
-        if not as_json:
+        if outcome.status is RunStatus.WAITING and not as_json:
+            err.print(f"run {outcome.run_id} waits for approval (see `maintenancebot "
+                      "approvals`); the daemon goes on with it once answered.",
+                      style="yellow", markup=False)
+        elif not as_json:
             _print_summary(store.get_run(outcome.run_id))
     finally:
         store.close()
@@ -377,7 +396,7 @@ def schedule(state: _State, count: int, as_json: bool) -> None:
         raise click.UsageError("no runbooks directory configured (set `runbooks` in the config)")
     runbooks, issues = load_runbooks(Path(directory))
     now = datetime.now(UTC)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, (path, book) in sorted(runbooks.items()):
         times = next_fire_times(book.schedule, book.timezone, now, count) if book.schedule else []
         rows.append({"runbook": name, "file": str(path), "schedule": book.schedule,
@@ -394,9 +413,12 @@ def schedule(state: _State, count: int, as_json: bool) -> None:
 
 
 # Command groups that live in their own modules register themselves on `cli` when imported.
-# (one import line per module, added here)
-from maintenancebot import cli_trash  # noqa: F401
-from maintenancebot import cli_daemon  # noqa: F401
+# (one name per module in this import, added here)
+from maintenancebot import (
+    cli_approvals,  # noqa: F401
+    cli_daemon,  # noqa: F401
+    cli_trash,  # noqa: F401
+)
 
 
 def main() -> None:

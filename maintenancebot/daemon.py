@@ -14,7 +14,6 @@ never runs a fire twice, and a run interrupted by a crash is not re-run.
 from __future__ import annotations
 
 import fcntl
-import importlib
 import logging
 import os
 import queue
@@ -25,9 +24,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from maintenancebot import app, gitsync
+from maintenancebot import app, gitsync, resume
 from maintenancebot.daemon_http import Live, StatusServer, render_metrics
 from maintenancebot.errors import MaintenanceBotError
 from maintenancebot.firing import Firing
@@ -39,6 +38,9 @@ from maintenancebot.scheduling import CronScheduler
 from maintenancebot.sdnotify import Notifier
 from maintenancebot.store import RunStore
 from maintenancebot.watch import Catalog, ChangeWatcher, load_catalog
+
+if TYPE_CHECKING:
+    from maintenancebot.notify.slack_actions import SlackInbound
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,14 @@ class Daemon:
         self._store: RunStore | None = None
         self._last_ping = 0.0
         self._last_poll = 0.0
+        self._resumed: list[threading.Thread] = []
         self._last_tick: float | None = None  # set by the main loop (`serve`), for /healthz
         self._listen = listen
         self._git_pull = git_pull
         self._git_reported: str | None = None  # a rejection or git error is reported once
         self._reload_lock = threading.Lock()  # the main loop and the git thread both reload
         self._http: StatusServer | None = None
+        self.slack_inbound: SlackInbound | None = None  # Slack's Approve/Deny clicks come in here
 
     @property
     def store(self) -> RunStore:
@@ -114,13 +118,19 @@ class Daemon:
                               catalog=lambda: self._catalog, stopping=self._stopping,
                               announce=self._announce, changed=self._status_changed,
                               lease_poll=self._lease_poll)
-        resume_parked_runs(self.settings, self.store)
+        self._resumed = resume_parked_runs(self.settings, self.store)
         self.reload("start", initial=True)
         self.firing.catch_up()
         self._scheduler.start()
         if self._listen is not None:
             self._http = StatusServer(self._listen, self.health, self.metrics)
             self._http.start()
+        slack = self.settings.slack
+        if slack is not None and (slack.interactivity_listen or slack.socket_mode):
+            # Approve/Deny clicks: imported only when configured (slack_sdk is slow to load).
+            from maintenancebot.notify.slack_actions import SlackInbound
+
+            self.slack_inbound = SlackInbound.start(self.settings, self.store)
         if self._git_pull is not None:
             threading.Thread(target=self._git_loop, args=(self._git_pull,), name="git-sync",
                              daemon=True).start()
@@ -157,6 +167,9 @@ class Daemon:
             self._last_poll = time.monotonic()
             if self._watcher.changed():
                 self.reload("files changed")
+            # A CLI `run --no-wait` left its run waiting: this daemon takes it from here.
+            self._resumed = [t for t in self._resumed if t.is_alive()]
+            self._resumed += resume_parked_runs(self.settings, self.store)
         interval = self._notifier.watchdog_interval
         if interval is not None and time.monotonic() - self._last_ping >= interval:
             self._notifier.watchdog()
@@ -185,10 +198,20 @@ class Daemon:
         if self._http is not None:
             self._http.close()
             self._http = None
+        if self.slack_inbound is not None:  # no click is taken once runs detach
+            self.slack_inbound.close()
+            self.slack_inbound = None
         left: list[str] = []
         if self._firing is not None:
             self._firing.wait_idle(self._stop_timeout)
             left = self._firing.in_flight()
+        # Resumed runs: parked hosts detach at once (the next start resumes them again);
+        # a host in a step finishes it.
+        deadline = time.monotonic() + self._stop_timeout
+        for thread in self._resumed:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left += [t.name for t in self._resumed if t.is_alive()]
+        self._resumed = []
         if left:
             log.error("stop timeout (%s) passed with runs in flight: %s; they will be recorded "
                       "interrupted at the next start", format_duration(self._stop_timeout), left)
@@ -384,23 +407,10 @@ def _stop_reason(why: str) -> str:
     return f"daemon stopping ({why}): the step in flight finished, no further step started"
 
 
-def resume_parked_runs(settings: Settings, store: RunStore) -> None:
-    """Startup hook: resume runs whose hosts are parked on an approval (approvals, issue 4).
-
-    Called once at daemon start, before anything is scheduled. It calls
-    `maintenancebot.approvals.resume_waiting_runs(settings, store)` when that module and
-    function exist, and does nothing otherwise."""
-    try:
-        approvals = importlib.import_module("maintenancebot.approvals")
-    except ModuleNotFoundError as exc:
-        if exc.name != "maintenancebot.approvals":
-            raise
-        return
-    resume = getattr(approvals, "resume_waiting_runs", None)
-    if resume is None:
-        log.info("maintenancebot.approvals has no resume_waiting_runs: nothing resumed")
-        return
-    resume(settings, store)
+def resume_parked_runs(settings: Settings, store: RunStore) -> list[threading.Thread]:
+    """Take back runs whose hosts wait on approvals with no process: left by `run --no-wait`,
+    a crash or a restart of this daemon. Returns at once; each run goes on in its thread."""
+    return resume.resume_waiting_runs(settings, store)
 
 
 def _lock_state_dir(state_dir: Path) -> IO[str]:

@@ -8,6 +8,7 @@ SQL (`store`), sockets (`transports`). Every step is recorded as started before 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from maintenancebot.actions import ActionContext, ActionReport, get_action
+from maintenancebot.approvals import ApprovalDesk, Decision, Parking, condition_values, fingerprint
 from maintenancebot.errors import CommandTimeout, ConnectError, TemplateError, TransportError
 from maintenancebot.models import Host, Step
 from maintenancebot.plan import Plan, host_context
 from maintenancebot.runcontrol import RunControl
 from maintenancebot.states import HostStatus, StepStatus, transition
 from maintenancebot.store import RunStore
+from maintenancebot.store_approvals import APPROVED, CANCELLED
 from maintenancebot.templating import Registered
 from maintenancebot.transports.base import Command, Transport, TransportFactory
 
@@ -37,10 +40,11 @@ class StepOutcome:
     error: str | None = None
     details: dict[str, Any] | None = None
     report: ActionReport | None = None
+    on_deny: str | None = None  # set when an approval was denied: what the host does next
 
 
 @dataclass
-class _Done:
+class Completed:
     """A completed step, kept so that a later failure can roll it back."""
 
     step: Step
@@ -63,33 +67,51 @@ class HostRun:
     run_vars: dict[str, Any]
     registered: dict[str, Registered] = field(default_factory=dict)
     unknown: set[str] = field(default_factory=set)  # registers a dry-run cannot know
-    done: list[_Done] = field(default_factory=list)
+    done: list[Completed] = field(default_factory=list)
     status: HostStatus = HostStatus.PENDING
     contained: bool = False  # failed only in `on_failure: continue` steps
+    desk: ApprovalDesk | None = None  # where gated steps park (a real run)
+    start: int = 0                    # a resumed host goes on from its parked step
+    parked_row: int | None = None     # ... whose `waiting` row it settles
+    slot: threading.Semaphore | None = None  # the engine's concurrency slot, given back parked
 
     def execute(self) -> HostStatus:
-        """Walk every step of this host; returns the host's final status (already recorded)."""
+        """Walk every step of this host; returns the host's final status (already recorded),
+        or WAITING when it stays parked on an approval with no process to wait for it."""
         self._set_status(HostStatus.RUNNING)
         transport = self.open_transport(self.host)
         try:
-            transport.connect()
-        except ConnectError as exc:
-            self._record_unreached(0, f"not reached: host unreachable: {exc}")
-            return self._set_status(HostStatus.UNREACHABLE, str(exc))
-        try:
+            try:
+                transport.connect()
+            except ConnectError as exc:
+                self._record_unreached(self.start, f"not reached: host unreachable: {exc}")
+                self._settle_parked(StepStatus.INTERRUPTED, f"host unreachable: {exc}")
+                return self._set_status(HostStatus.UNREACHABLE, str(exc))
             return self._walk(transport)
         finally:
             transport.close()
+            if self.desk is not None:
+                self.desk.left(self.host.name)
 
     def _walk(self, transport: Transport) -> HostStatus:
         steps = self.plan.runbook.steps
         failed = False
-        for index, step in enumerate(steps):
+        for index, step in enumerate(steps[self.start:], self.start):
             halt = self.control.halt_reason()
             if halt:
+                self._settle_parked(StepStatus.INTERRUPTED, halt)
                 self._record_unreached(index, f"not reached: {halt}")
                 return self._set_status(HostStatus.INTERRUPTED, halt)
+            if self.desk is not None:
+                self.desk.at_step(self.host.name, index)
             outcome = self._step(transport, index, step)
+            if outcome.status is StepStatus.WAITING:
+                return self.status  # parked, and nobody here waits: a daemon resumes it
+            if outcome.on_deny == "rollback":
+                self._roll_back(transport)
+                self._record_unreached(index + 1, f"not reached: approval for {step.name!r} "
+                                       "denied (on_deny: rollback)")
+                return self._set_status(HostStatus.FAILED, outcome.error)
             if outcome.status in (StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.REFUSED):
                 failed = True
                 if step.on_failure != "continue":
@@ -114,15 +136,20 @@ class HostRun:
             try:
                 holds = self.plan.templates.evaluate(step.when, context)
             except TemplateError as exc:
+                self._settle_parked(StepStatus.INTERRUPTED, f"when: {exc}")
                 return self._fail_unrun(index, step, f"when: {exc}")
             if not holds:
+                self._settle_parked(StepStatus.DENIED, "its condition no longer holds")
                 return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
         try:
             command, args = self._render(step, context)
         except (TemplateError, ValidationError) as exc:
+            self._settle_parked(StepStatus.INTERRUPTED, f"cannot render: {exc}")
             return self._fail_unrun(index, step, f"cannot render: {exc}")
+        if step.gated and self.dry_run:
+            return self._gate_preview(index, step, command)
         if step.gated:
-            return self._gate(index, step, command)
+            return self._gate(transport, index, step, command, args, context)
         if self.dry_run and not self._runs_in_dry_run(step):
             return self._preview(transport, index, step, command, args)
         return self._run(transport, index, step, command, args, context)
@@ -138,10 +165,11 @@ class HostRun:
 
     def _run(
         self, transport: Transport, index: int, step: Step, command: str, args: Any,
-        context: dict[str, Any],
+        context: dict[str, Any], row: int | None = None,
     ) -> StepOutcome:
-        row = self.store.step_started(self.run_id, self.host.name, index, step.name,
-                                      command=command)
+        if row is None:
+            row = self.store.step_started(self.run_id, self.host.name, index, step.name,
+                                          command=command)
         outcome = self._execute(transport, index, step, command, args)
         self.store.step_finished(
             row, outcome.status, rc=outcome.rc, changed=outcome.changed, stdout=outcome.stdout,
@@ -150,7 +178,7 @@ class HostRun:
         self.control.emit(self.host.name, step.name, outcome.status)
         self._register(step, outcome)
         if outcome.status is StepStatus.OK:
-            self.done.append(_Done(step, index, row, context, args, outcome.report))
+            self.done.append(Completed(step, index, row, context, args, outcome.report))
         return outcome
 
     def _execute(
@@ -206,16 +234,109 @@ class HostRun:
         return StepOutcome(status, details=dict(report.data), report=report,
                            error=None if report.ok else report.summary)
 
-    def _gate(self, index: int, step: Step, command: str) -> StepOutcome:
-        if self.dry_run:
-            if step.register_as:
-                self.unknown.add(step.register_as)
-            return self._decide(index, step, StepStatus.NEEDS_APPROVAL, command=command,
-                                reason=f"would wait for approval: {step.when or 'always'}")
-        # Until approval requests exist, a gate can never be opened: timeout = deny, at once.
-        self._register(step, StepOutcome(StepStatus.DENIED))
-        return self._decide(index, step, StepStatus.DENIED, command=command,
-                            reason="approval required and no approval mechanism answered: denied")
+    def _gate_preview(self, index: int, step: Step, command: str) -> StepOutcome:
+        """Dry-run: the step would wait for approval on this host; what it waits on is unknown."""
+        if step.register_as:
+            self.unknown.add(step.register_as)
+        return self._decide(index, step, StepStatus.NEEDS_APPROVAL, command=command,
+                            reason=f"would wait for approval: {step.when or 'always'}")
+
+    def _gate(self, transport: Transport, index: int, step: Step, command: str, args: Any,
+              context: dict[str, Any]) -> StepOutcome:
+        """Park until a human answers; run only what was shown to them (DESIGN §5)."""
+        assert step.approval is not None
+        if self.desk is None:
+            self._settle_parked(StepStatus.DENIED, "no approval desk")
+            self._register(step, StepOutcome(StepStatus.DENIED))
+            return self._decide(index, step, StepStatus.DENIED, command=command,
+                                reason="approval required and nothing here can ask for it")
+        why = condition_values(self.plan.templates.names(step.when, expression=True), context) \
+            if step.when else {}
+        row = self.parked_row
+        self.parked_row = None
+        shown = self._what_it_would_do(transport, index, step, args)
+        while True:
+            if isinstance(shown, str):
+                if row is None:
+                    return self._fail_unrun(index, step, shown)
+                self.store.settle_waiting_step(row, StepStatus.FAILED, shown)
+                self.control.emit(self.host.name, step.name, StepStatus.FAILED)
+                return StepOutcome(StepStatus.FAILED, error=shown)
+            digest = fingerprint(step, command, args, shown)
+            if row is None:
+                row = self.store.record_step(self.run_id, self.host.name, index, step.name,
+                                             StepStatus.WAITING, command=command,
+                                             reason="waiting for approval")
+                self.control.emit(self.host.name, step.name, StepStatus.WAITING)
+            if self.status is not HostStatus.WAITING:
+                self._set_status(HostStatus.WAITING, f"waiting for approval of {step.name!r}")
+            decision = self._park(Parking(self.host.name, index, step, digest, command, why,
+                                          shown, row))
+            if decision.outcome == "detached":
+                return StepOutcome(StepStatus.WAITING, error=decision.reason)
+            self._set_status(HostStatus.RUNNING)
+            if decision.outcome != APPROVED:
+                return self._denied(index, step, row, decision)
+            now = self._what_it_would_do(transport, index, step, args)
+            if now == shown:
+                break
+            log.warning("%s: step %r would now do something else than was approved; "
+                        "parked again", self.host.name, step.name)
+            shown = now
+        self.store.settle_waiting_step(row, StepStatus.RUNNING, command=command)
+        self.store.audit("approval.executed", run_id=self.run_id, host=self.host.name,
+                         actor=decision.by, details={"approval": decision.request,
+                                                     "step": step.name, "digest": digest})
+        return self._run(transport, index, step, command, args, context, row=row)
+
+    def _park(self, parking: Parking) -> Decision:
+        assert self.desk is not None
+        if self.slot is not None:
+            self.slot.release()
+        try:
+            return self.desk.park(parking)
+        finally:
+            if self.slot is not None:
+                self.slot.acquire()
+
+    def _what_it_would_do(self, transport: Transport, index: int, step: Step,
+                          args: Any) -> dict[str, Any] | None | str:
+        """For an action that can preview itself, its preview (what the approver sees and the
+        approval binds to); None for a command; an error string when the preview failed —
+        nobody is asked to approve what cannot be shown."""
+        action = get_action(step.action) if step.action else None
+        if action is None or not action.previewable or action.readonly:
+            return None
+        try:
+            report = action.preview(transport, args, self._action_context(index, step))
+        except TransportError as exc:
+            report = ActionReport(ok=False, changed=False, summary=f"preview failed: {exc}")
+        if not report.ok:
+            return f"cannot show what it would do: {report.summary}"
+        return {"summary": report.summary, "data": dict(report.data)}
+
+    def _denied(self, index: int, step: Step, row: int, decision: Decision) -> StepOutcome:
+        assert step.approval is not None
+        who = f" by {decision.by}" if decision.by and decision.outcome == "denied" else ""
+        reason = (f"approval {decision.request} {decision.outcome}{who}"
+                  + (f": {decision.reason}" if decision.reason else ""))
+        self.store.settle_waiting_step(row, StepStatus.DENIED, reason)
+        self.control.emit(self.host.name, step.name, StepStatus.DENIED)
+        denied = StepOutcome(StepStatus.DENIED, error=reason)
+        self._register(step, denied)
+        if decision.outcome == CANCELLED:
+            return denied  # the run is stopping; the next step's check says why
+        if step.approval.on_deny == "abort":
+            self.control.halt(f"{reason} on {self.host.name} (on_deny: abort)")
+        elif step.approval.on_deny == "rollback":
+            denied.on_deny = "rollback"
+        return denied
+
+    def _settle_parked(self, status: StepStatus, reason: str | None) -> None:
+        """A resumed host that will not reach its parked step settles that step's row."""
+        if self.parked_row is not None:
+            self.store.settle_waiting_step(self.parked_row, status, reason)
+            self.parked_row = None
 
     # ------------------------------------------------------------------------------ rollback
 
@@ -229,7 +350,7 @@ class HostRun:
             self.control.emit(self.host.name, done.step.name, status)
         self.done.clear()
 
-    def _undo(self, transport: Transport, done: _Done) -> StepStatus:
+    def _undo(self, transport: Transport, done: Completed) -> StepStatus:
         step = done.step
         if step.rollback is not None:
             try:
@@ -260,7 +381,7 @@ class HostRun:
         return StepStatus.ROLLED_BACK if outcome.status is StepStatus.OK else \
             StepStatus.ROLLBACK_FAILED
 
-    def _record_rollback(self, done: _Done, command: str | None, outcome: StepOutcome) -> None:
+    def _record_rollback(self, done: Completed, command: str | None, outcome: StepOutcome) -> None:
         row = self.store.step_started(self.run_id, self.host.name, done.index, done.step.name,
                                       kind="rollback", command=command)
         self._finish(row, outcome)
@@ -336,11 +457,29 @@ class HostRun:
     def _set_status(self, status: HostStatus, error: str | None = None) -> HostStatus:
         self.status = transition(self.status, status)
         self.store.set_host_status(self.run_id, self.host.name, status, error)
-        if status is HostStatus.RUNNING:
+        if status in (HostStatus.RUNNING, HostStatus.WAITING):
             self.control.emit(self.host.name, None, status)
         else:
             self.control.host_finished(self.host.name, status, contained=self.contained)
         return status
+
+
+@dataclass
+class HostResume:
+    """How a host of a resumed run goes on: finished (its status), or from step `start` with
+    what its completed steps registered and did (for conditions and rollback)."""
+
+    finished: HostStatus | None = None
+    start: int = 0
+    parked_row: int | None = None
+    registered: dict[str, Registered] = field(default_factory=dict)
+    done: list[Completed] = field(default_factory=list)
+
+    def apply(self, host_run: HostRun) -> None:
+        host_run.start = self.start
+        host_run.parked_row = self.parked_row
+        host_run.registered = dict(self.registered)
+        host_run.done = list(self.done)
 
 
 def _from_report(report: ActionReport) -> StepOutcome:
@@ -361,7 +500,7 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _action_changed_something(done: _Done) -> bool:
+def _action_changed_something(done: Completed) -> bool:
     """A read-only action, or one whose report says it changed nothing, has nothing to undo."""
     if done.step.action is None:
         return False

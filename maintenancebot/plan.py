@@ -44,6 +44,7 @@ class Plan:
     templates: Templates = field(compare=False, repr=False)
     # `--var KEY=VALUE` from the command line: above runbook and inventory vars, like `-e`.
     overrides: dict[str, Any] = field(default_factory=dict)
+    narrow: tuple[str, ...] = ()  # `--hosts` patterns, kept so a resumed run selects the same
 
     def host(self, name: str) -> Host:
         return next(host for host in self.hosts if host.name == name)
@@ -72,6 +73,7 @@ def build_plan(
         max_failures=breaker,
         templates=Templates(),
         overrides=dict(overrides or {}),
+        narrow=tuple(narrow or ()),
     )
 
 

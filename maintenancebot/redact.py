@@ -227,7 +227,8 @@ def _settings_env_names(settings: Settings | None) -> list[str]:
     names: list[str | None] = []
     if settings.slack is not None:
         slack = settings.slack
-        names += [slack.token_env, slack.webhook_url_env, slack.signing_secret_env]
+        names += [slack.token_env, slack.webhook_url_env, slack.signing_secret_env,
+                  slack.app_token_env]
     if settings.llm is not None:
         names.append(settings.llm.api_key_env)
     return [name for name in names if name]

@@ -85,6 +85,7 @@ class RunControl:
         self._failures = 0
         self.contained_failures: set[str] = set()
         self._abort_reason: str | None = None
+        self._halt: str | None = None
         self._interrupted = False
 
     @property
@@ -102,9 +103,19 @@ class RunControl:
         with self._lock:
             self._abort_reason = self._abort_reason or reason
 
+    def halt(self, reason: str) -> None:
+        """Stop the whole run before every host's next step (an approval denied with
+        `on_deny: abort`): unlike `abort`, hosts already going stop too."""
+        with self._lock:
+            self._halt = self._halt or reason
+        self.abort(reason)
+
     def halt_reason(self) -> str | None:
-        """Why no host may take another step (kill switch, run timeout), checked before each."""
+        """Why no host may take another step (kill switch, run timeout, a halt), checked before
+        each."""
         stop = self._store.stop_state()
+        if self._halt is not None:
+            return self._halt
         if PROCESS_STOP.reason is not None:
             reason = PROCESS_STOP.reason
             with self._lock:

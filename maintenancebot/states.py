@@ -15,6 +15,9 @@ S = TypeVar("S", bound=StrEnum)
 
 class RunStatus(StrEnum):
     RUNNING = "running"
+    # Hosts are parked on an approval and no process holds the run (`run --no-wait`, a crash,
+    # a daemon restart): the daemon picks it up and resumes it from the parked steps.
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     ABORTED = "aborted"
@@ -24,6 +27,7 @@ class RunStatus(StrEnum):
 class HostStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # parked at a step that needs approval
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     UNREACHABLE = "unreachable"
@@ -34,6 +38,7 @@ class HostStatus(StrEnum):
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # for an approval; then it runs, or is denied
     OK = "ok"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
@@ -56,16 +61,19 @@ TERMINAL_HOST = {
 }
 
 _RUN_MOVES: dict[RunStatus, set[RunStatus]] = {
-    RunStatus.RUNNING: TERMINAL_RUN,
+    RunStatus.RUNNING: TERMINAL_RUN | {RunStatus.WAITING},
+    RunStatus.WAITING: {RunStatus.RUNNING, RunStatus.INTERRUPTED},
 }
 _HOST_MOVES: dict[HostStatus, set[HostStatus]] = {
     HostStatus.PENDING: {HostStatus.RUNNING, HostStatus.NOT_STARTED, HostStatus.INTERRUPTED},
-    HostStatus.RUNNING: TERMINAL_HOST - {HostStatus.NOT_STARTED},
+    HostStatus.RUNNING: (TERMINAL_HOST - {HostStatus.NOT_STARTED}) | {HostStatus.WAITING},
+    HostStatus.WAITING: {HostStatus.RUNNING, HostStatus.INTERRUPTED},
 }
 _DRY = {StepStatus.WOULD_RUN, StepStatus.UNKNOWN, StepStatus.NEEDS_APPROVAL, StepStatus.REFUSED}
 _STEP_MOVES: dict[StepStatus, set[StepStatus]] = {
     StepStatus.PENDING: {StepStatus.RUNNING, StepStatus.SKIPPED, StepStatus.DENIED,
-                         StepStatus.INTERRUPTED} | _DRY,
+                         StepStatus.INTERRUPTED, StepStatus.WAITING} | _DRY,
+    StepStatus.WAITING: {StepStatus.RUNNING, StepStatus.DENIED, StepStatus.INTERRUPTED},
     StepStatus.RUNNING: {StepStatus.OK, StepStatus.FAILED, StepStatus.TIMED_OUT,
                          StepStatus.INTERRUPTED},
     StepStatus.OK: {StepStatus.ROLLED_BACK, StepStatus.ROLLBACK_FAILED},

@@ -18,6 +18,7 @@ import secrets
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 
 from maintenancebot.errors import MaintenanceBotError, NotFound, StoreError
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
+from maintenancebot.store_approvals import ApprovalTables
 
 TAIL_CHARS = 8192          # stdout/stderr kept per step: enough to say why, bounded per row
 BUSY_TIMEOUT_MS = 30_000   # a daemon and a CLI may write at once; WAL makes waits short
@@ -166,6 +168,67 @@ _MIGRATIONS: tuple[str, ...] = (
         proc_start  TEXT,
         boot_id     TEXT,
         acquired_at TEXT NOT NULL
+    );
+    """,
+    # Approval gates (DESIGN §5). A request groups the hosts parked at one step of one run;
+    # each host has its own decision (approve may release a subset) and the digest of what it
+    # would run, so an answer binds to what was shown. Every vote is kept, counted or not.
+    # `slack_seen` remembers signed Slack deliveries so a replay is refused.
+    """
+    CREATE TABLE approvals (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id      TEXT NOT NULL REFERENCES runs(id),
+        runbook     TEXT NOT NULL,
+        step_index  INTEGER NOT NULL,
+        step_name   TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        quorum      INTEGER NOT NULL,
+        on_deny     TEXT NOT NULL,
+        started_by  TEXT,
+        rollback    TEXT,
+        opened_at   TEXT NOT NULL,
+        deadline    TEXT NOT NULL,
+        remind_at   TEXT,
+        reminded_at TEXT,
+        closed_at   TEXT,
+        closed_noticed INTEGER NOT NULL DEFAULT 0,
+        notice      TEXT
+    );
+    CREATE INDEX approvals_by_status ON approvals(status);
+    CREATE INDEX approvals_by_run ON approvals(run_id, step_index);
+
+    CREATE TABLE approval_hosts (
+        approval_id INTEGER NOT NULL REFERENCES approvals(id),
+        host        TEXT NOT NULL,
+        step_row    INTEGER,
+        digest      TEXT NOT NULL,
+        command     TEXT,
+        why         TEXT,
+        preview     TEXT,
+        decision    TEXT,
+        decided_at  TEXT,
+        decided_by  TEXT,
+        channel     TEXT,
+        reason      TEXT,
+        PRIMARY KEY (approval_id, host)
+    );
+
+    CREATE TABLE approval_votes (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        approval_id INTEGER NOT NULL REFERENCES approvals(id),
+        host        TEXT NOT NULL,
+        vote        TEXT NOT NULL,
+        voter       TEXT NOT NULL,
+        channel     TEXT NOT NULL,
+        at          TEXT NOT NULL,
+        reason      TEXT,
+        counted     INTEGER NOT NULL
+    );
+    CREATE INDEX approval_votes_by_request ON approval_votes(approval_id, host);
+
+    CREATE TABLE slack_seen (
+        key TEXT PRIMARY KEY,
+        at  TEXT NOT NULL
     );
     """,
 )
@@ -326,8 +389,10 @@ def _alive(pid: int, started: str | None, boot: str | None) -> bool:
 # ----------------------------------------------------------------------------------- store
 
 
-class RunStore:
-    """Thread-safe: the engine's host threads share one connection behind one lock."""
+class RunStore(ApprovalTables):
+    """Thread-safe: the engine's host threads share one connection behind one lock.
+
+    Approval requests and votes live in `store_approvals` (same connection, same rules)."""
 
     def __init__(self, path: Path | str, redact: Redact | None = None) -> None:
         self.path = Path(path)
@@ -342,12 +407,25 @@ class RunStore:
                                        isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._wal()
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open the run store: {exc}") from exc
+
+    def _wal(self) -> None:
+        """Switching to WAL needs a moment alone with the file, and SQLite does not wait for
+        it with the busy timeout: two processes opening a new store at once retry here."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def set_redactor(self, redact: Redact) -> None:
         """Use `redact` from now on: each run knows its own secrets (inventory, environment)."""
@@ -503,9 +581,13 @@ class RunStore:
                         error: str | None = None) -> None:
         now = utc_now()
         with self._tx() as db:
-            if status is HostStatus.RUNNING:
-                db.execute("UPDATE hosts SET status = ?, started_at = ? WHERE run_id = ? "
-                           "AND host = ?", (str(status), now, run_id, host))
+            if status is HostStatus.WAITING:
+                db.execute("UPDATE hosts SET status = ?, error = ? WHERE run_id = ? AND host = ?",
+                           (str(status), self._text(error), run_id, host))
+            elif status is HostStatus.RUNNING:
+                db.execute("UPDATE hosts SET status = ?, error = NULL, "
+                           "started_at = COALESCE(started_at, ?) WHERE run_id = ? AND host = ?",
+                           (str(status), now, run_id, host))
             else:
                 db.execute("UPDATE hosts SET status = ?, error = ?, finished_at = ? "
                            "WHERE run_id = ? AND host = ?",
@@ -551,12 +633,13 @@ class RunStore:
     ) -> int:
         """A step settled without running (skipped, would run, unknown, denied ...)."""
         now = utc_now()
+        finished = None if status is StepStatus.WAITING else now
         with self._tx() as db:
             cursor = db.execute(
                 "INSERT INTO steps (run_id, host, idx, name, kind, command, status, error,"
                 " details, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, host, idx, name, kind, self._text(command), str(status),
-                 self._text(reason), self._json(details), now, now))
+                 self._text(reason), self._json(details), now, finished))
             return int(cursor.lastrowid or 0)
 
     def set_step_status(self, step_id: int, status: StepStatus) -> None:
@@ -601,9 +684,71 @@ class RunStore:
                 continue
             if row["pid"] is not None and _alive(row["pid"], row["proc_start"], row["boot_id"]):
                 continue
+            if self._has_parked_hosts(row["id"]):
+                self._mark_detached(row["id"], row["pid"])
+                continue
             self._mark_interrupted(row["id"], row["pid"])
             reaped.append(row["id"])
         return reaped
+
+    def _has_parked_hosts(self, run_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM steps WHERE run_id = ? AND status = ? LIMIT 1",
+                                (run_id, str(StepStatus.WAITING))))
+
+    def _mark_detached(self, run_id: str, pid: int | None) -> None:
+        """The process died while hosts were parked on an approval: the steps in flight are
+        interrupted (and their hosts), the parked hosts stay parked and the run waits for a
+        daemon to resume it; the open requests stay answerable."""
+        now = utc_now()
+        with self._tx() as db:
+            db.execute("UPDATE steps SET status = ?, error = ?, finished_at = ? "
+                       "WHERE run_id = ? AND status = ?",
+                       (str(StepStatus.INTERRUPTED), DIED, now, run_id, str(StepStatus.RUNNING)))
+            db.execute("UPDATE hosts SET status = ? WHERE run_id = ? AND status IN (?, ?) AND "
+                       "host IN (SELECT host FROM steps WHERE run_id = ? AND status = ?)",
+                       (str(HostStatus.WAITING), run_id, str(HostStatus.RUNNING),
+                        str(HostStatus.WAITING), run_id, str(StepStatus.WAITING)))
+            db.execute("UPDATE hosts SET status = ?, error = COALESCE(error, ?), finished_at = ? "
+                       "WHERE run_id = ? AND status = ?",
+                       (str(HostStatus.INTERRUPTED), DIED, now, run_id, str(HostStatus.RUNNING)))
+            db.execute("UPDATE runs SET status = ?, pid = NULL WHERE id = ?",
+                       (str(RunStatus.WAITING), run_id))
+            self._audit(db, "run.detached", run_id=run_id,
+                        details={"pid": pid, "why": "controller died with hosts parked"})
+
+    def detach_run(self, run_id: str, why: str) -> None:
+        """No process holds this run any more; its parked hosts wait for a daemon."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET status = ?, pid = NULL WHERE id = ?",
+                       (str(RunStatus.WAITING), run_id))
+            self._audit(db, "run.detached", run_id=run_id, details={"why": why})
+
+    def attach_run(self, run_id: str, by: str) -> bool:
+        """Take a waiting run for this process; False if another process took it first."""
+        pid = os.getpid()
+        with self._tx() as db:
+            taken = db.execute(
+                "UPDATE runs SET status = ?, pid = ?, proc_start = ?, boot_id = ?, "
+                "controller = ? WHERE id = ? AND status = ?",
+                (str(RunStatus.RUNNING), pid, _process_start(pid), _boot_id(),
+                 socket.gethostname(), run_id, str(RunStatus.WAITING))).rowcount == 1
+            if taken:
+                self._audit(db, "run.resumed", run_id=run_id, actor=by, details={"pid": pid})
+            return taken
+
+    def settle_waiting_step(self, step_id: int, status: StepStatus,
+                            reason: str | None = None, command: str | None = None) -> None:
+        """A parked step is released: `running` (it runs now, in this row), `denied` or
+        `interrupted` (with the reason)."""
+        now = utc_now()
+        with self._tx() as db:
+            if status is StepStatus.RUNNING:
+                db.execute("UPDATE steps SET status = ?, started_at = ?, finished_at = NULL, "
+                           "error = NULL, command = COALESCE(?, command) WHERE id = ?",
+                           (str(status), now, self._text(command), step_id))
+            else:
+                db.execute("UPDATE steps SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                           (str(status), self._text(reason), now, step_id))
 
     def _mark_interrupted(self, run_id: str, pid: int | None) -> None:
         now = utc_now()

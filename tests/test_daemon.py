@@ -11,8 +11,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-import types
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +22,7 @@ from pathlib import Path
 import apscheduler.schedulers.base as apscheduler_base
 import pytest
 
+from maintenancebot import resume
 from maintenancebot.daemon import Daemon, DaemonError
 from maintenancebot.loader import validate_paths
 from maintenancebot.models import Settings, SlackSettings
@@ -549,18 +550,17 @@ def test_a_slow_slack_does_not_hold_up_the_schedule(
         assert daemon.stop("test over")  # while Slack still answers: the queue drains
 
 
-def test_startup_resumes_runs_parked_on_approvals_through_the_hook(
+def test_startup_resumes_runs_parked_on_approvals_before_scheduling(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The approvals module (issue 4) provides resume_waiting_runs(settings, store); until it
-    # lands, a stand-in module shows the daemon calls it once, before anything is scheduled.
+    # Runs parked on approvals are taken back first, then the schedule starts; the end-to-end
+    # resume (kill -9, approve, nothing re-run) is in test_approvals_resume.py.
     calls: list[tuple[object, object, dict[str, object]]] = []
-    stand_in = types.ModuleType("maintenancebot.approvals")
 
-    def resume_waiting_runs(settings: Settings, store: RunStore) -> None:
+    def resume_waiting_runs(settings: Settings, store: RunStore) -> list[threading.Thread]:
         calls.append((settings, store, dict(daemon_next_fires())))
+        return []
 
-    stand_in.resume_waiting_runs = resume_waiting_runs  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "maintenancebot.approvals", stand_in)
+    monkeypatch.setattr(resume, "resume_waiting_runs", resume_waiting_runs)
     world.runbook("nightly", RAN_ONCE.format(host=world.fleet.names[0]))
     daemon = Daemon(world.settings, clock=world.clock)
     world.daemons.append(daemon)

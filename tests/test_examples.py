@@ -3,6 +3,8 @@ on any host (whole trees hashed before and after), and it lists every step of ev
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 import pytest
 
 from maintenancebot import app, views
+from maintenancebot.approvals import answer
+from maintenancebot.engine import RunOutcome
 from maintenancebot.loader import load_runbook
-from maintenancebot.models import Settings
+from maintenancebot.models import Approvers, Settings
 from maintenancebot.testing.demo import demo_inventory, seed
 from maintenancebot.testing.fleet import Fleet
 from tests.harness import tree_digest
@@ -93,7 +97,23 @@ def test_the_weekly_real_run_does_exactly_what_its_dry_run_listed(
     plan = app.prepare(settings, str(REPO / "runbooks/weekly-maintenance.yaml"), str(inventory),
                        None, {"apply_patches": False})
     dry = _facts(settings, app.execute(settings, plan, dry_run=True).run_id)
-    real = _facts(settings, app.execute(settings, plan, dry_run=False).run_id)
+    # The last demo host has a pending reboot: the gated reboot parks it, and on-call says no.
+    settings = settings.model_copy(update={"approvers": Approvers(cli=["oncall"])})
+    done: list[RunOutcome] = []
+    running = threading.Thread(target=lambda: done.append(
+        app.execute(settings, plan, dry_run=False, started_by="cron")))
+    running.start()
+    with app.open_store(settings) as store:
+        deadline = time.monotonic() + 60
+        while not store.list_approvals() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        request = store.list_approvals()[0]
+        assert [h.host for h in request.hosts] == [fleet.names[-1]]
+        answer(settings, store, request.id, approve=False, by="oncall", channel="cli",
+               reason="not in the demo")
+    running.join(60)
+    real = _facts(settings, done[0].run_id)
+    assert real[(fleet.names[-1], "Reboot for the new kernel")][0] == "denied"
     assert dry.keys() == real.keys()
     for key, (status, details) in dry.items():
         if key[1] == "Compress and prune logs":
