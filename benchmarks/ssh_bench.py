@@ -356,8 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "netem on loopback, in a private network namespace; refused with "
                              "the reason where the kernel has no netem")
     parser.add_argument("--tools", nargs="+", default=["pyinfra", "ansible"],
-                        choices=["pyinfra", "ansible"],
-                        help="optional tools to compare against, when installed (default: both)")
+                        choices=["pyinfra", "ansible", "none"],
+                        help="optional tools to compare against, when installed (default: both; "
+                             "`none` for maintenancebot and the floor only)")
     parser.add_argument("--workdir", type=Path, help="keep the fleet and files here")
     args = parser.parse_args(argv)
 

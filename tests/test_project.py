@@ -25,7 +25,7 @@ BOUNDARIES = {
                   "notify/slack_socket.py"},
     "openai": {"llm.py"},
     "docker": {"actions/docker_prune.py"},
-    "sqlite3": {"store.py"},
+    "sqlite3": {"store.py", "store_commit.py"},  # the store, and its group commit
 }
 
 
