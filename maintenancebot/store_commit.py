@@ -26,12 +26,14 @@ _IDLE_SECONDS = 2.0
 
 
 class _Batch:
-    """The writers of one transaction: done once its COMMIT returned (or failed: `error`)."""
+    """The writers of one transaction: `done` is set once its COMMIT returned (or failed:
+    `error`). An Event of its own, so waking a batch's writers never contends for the store's
+    lock, which the next batch's writers and the flusher need."""
 
     __slots__ = ("done", "error")
 
     def __init__(self) -> None:
-        self.done = False
+        self.done = threading.Event()
         self.error: sqlite3.Error | None = None
 
 
@@ -43,7 +45,6 @@ class GroupCommit:
         self._db = db
         self._lock = lock
         self._work = threading.Condition(lock)  # the flusher waits here for a batch
-        self._committed = threading.Condition(lock)  # writers wait here for their batch
         self._batch: _Batch | None = None  # the open transaction, if any
         self._depth = 0  # nested write() calls of the thread holding the lock
         self._flusher: threading.Thread | None = None
@@ -72,8 +73,7 @@ class GroupCommit:
                 self._wake_flusher()
             if self._depth:  # an outer write() of this thread waits for the commit
                 return
-            while not batch.done:
-                self._committed.wait()
+        batch.done.wait()
         if batch.error is not None:
             raise type(batch.error)(*batch.error.args) from batch.error
 
@@ -116,5 +116,4 @@ class GroupCommit:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # SQLite may have rolled back on its own already
-        batch.done = True
-        self._committed.notify_all()
+        batch.done.set()
