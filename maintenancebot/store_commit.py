@@ -95,13 +95,15 @@ class GroupCommit:
 
     def _flush(self) -> None:
         with self._lock:
-            while not self._closed:
-                if self._batch is None or self._depth:
-                    if not self._work.wait(_IDLE_SECONDS) and self._batch is None:
-                        break
-                    continue
-                self._commit()
-            self._flusher = None
+            try:
+                while not self._closed:
+                    if self._batch is None or self._depth:
+                        if not self._work.wait(_IDLE_SECONDS) and self._batch is None:
+                            break
+                        continue
+                    self._commit()
+            finally:  # even if this thread dies, the next write starts another
+                self._flusher = None
 
     def _commit(self) -> None:
         """COMMIT the open batch (if any) and wake its writers; the lock is held."""
@@ -116,4 +118,8 @@ class GroupCommit:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # SQLite may have rolled back on its own already
-        batch.done.set()
+        except BaseException as exc:  # not SQLite's: no writer may believe its row is on disk
+            batch.error = sqlite3.OperationalError(f"commit failed: {exc!r}")
+            raise
+        finally:  # whatever happened, no writer of this batch waits forever
+            batch.done.set()
