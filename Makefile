@@ -4,6 +4,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The benchmarks compare against ansible-core and pyinfra; they get a venv of their own so that
+# their dependencies (e.g. paramiko's type stubs) never change what `make test` and `lint` see.
+BENCH_VENV := .venv-bench
+BENCH_ARGS ?= --hosts 10 50 200 --repeat 5
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := openssh-server openssh-client sudo systemd
 
@@ -18,6 +22,10 @@ test: setup ## the whole suite, against real sshd hosts on loopback
 lint: setup
 	$(BIN)/python -m ruff check maintenancebot tests
 	$(BIN)/python -m mypy
+
+bench: system-deps $(BENCH_VENV)/.installed ## figures, not tests: vs raw paramiko, pyinfra, ansible; planning; memory
+	$(BENCH_VENV)/bin/python benchmarks/ssh_bench.py $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python benchmarks/plan_bench.py
 
 setup: system-deps $(VENV)/.installed
 
@@ -38,5 +46,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -e '.[bench]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .demo .pytest_cache

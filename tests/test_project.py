@@ -25,7 +25,8 @@ BOUNDARIES = {
                   "notify/slack_socket.py"},
     "openai": {"llm.py"},
     "docker": {"actions/docker_prune.py"},
-    "sqlite3": {"store.py", "store_approvals.py"},  # the store and its approval tables
+    # the store, its approval tables and its group commit
+    "sqlite3": {"store.py", "store_approvals.py", "store_commit.py"},
 }
 
 

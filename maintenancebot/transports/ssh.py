@@ -331,9 +331,11 @@ def _matches(patterns: str, name: str) -> bool:
         pattern = pattern.removeprefix("!")
         if pattern.startswith("|1|"):
             hit = paramiko.HostKeys.hash_host(name, pattern) == pattern
-        else:
+        elif "*" in pattern or "?" in pattern:
             regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
             hit = re.fullmatch(regex, name, re.IGNORECASE) is not None
+        else:  # a plain name, as on most lines: every connect scans the whole file
+            hit = pattern.lower() == name.lower()
         if hit and negated:
             return False
         matched = matched or hit

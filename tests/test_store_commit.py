@@ -1,0 +1,72 @@
+"""Group commit: writes of many threads share COMMITs, yet each is on disk when it returns."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from maintenancebot.states import StepStatus
+from maintenancebot.store import RunStore
+from maintenancebot.store_commit import GroupCommit
+
+
+def test_each_write_is_visible_to_another_connection_as_soon_as_it_returns(tmp_path: Path) -> None:
+    db = tmp_path / "mb.db"
+    hosts = [f"web-{i:02d}" for i in range(30)]
+    unseen: list[str] = []
+    with RunStore(db) as store:
+        run_id = "20261123-010000-aaaaaa"
+        store.create_run(run_id, runbook="weekly", runbook_path=None, runbook_hash=None,
+                         dry_run=False, started_by="alice", selection="all",
+                         hosts=[(h, None) for h in hosts])
+
+        def host(name: str) -> None:
+            reader = sqlite3.connect(db)  # another process would see what this one sees
+            try:
+                for index in range(5):
+                    row = store.step_started(run_id, name, index, f"step {index}", command="true")
+                    seen = reader.execute("SELECT status FROM steps WHERE id = ?", (row,)).fetchone()
+                    if seen != ("running",):
+                        unseen.append(f"{name} step {index}: {seen}")
+                    store.step_finished(row, StepStatus.OK, rc=0)
+            finally:
+                reader.close()
+
+        threads = [threading.Thread(target=host, args=(name,)) for name in hosts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert unseen == []
+        steps = store.get_steps(run_id)
+    assert len(steps) == 150 and {s.status for s in steps} == {"ok"}
+
+
+def test_a_failing_write_undoes_only_itself(tmp_path: Path) -> None:
+    connection = sqlite3.connect(tmp_path / "t.db", isolation_level=None,
+                                 check_same_thread=False)
+    connection.execute("CREATE TABLE t (x INTEGER UNIQUE)")
+    commits = GroupCommit(connection, threading.RLock())
+    with commits.write() as db:  # one transaction: the inner write is a savepoint inside it
+        db.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(sqlite3.IntegrityError), commits.write() as inner:
+            inner.execute("INSERT INTO t VALUES (2)")
+            inner.execute("INSERT INTO t VALUES (1)")
+        db.execute("INSERT INTO t VALUES (3)")
+    commits.close()
+    other = sqlite3.connect(tmp_path / "t.db")
+    assert sorted(x for (x,) in other.execute("SELECT x FROM t")) == [1, 3]
+
+
+def test_the_flusher_thread_ends_when_the_store_is_closed(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "mb.db") as store:
+        store.set_stop("maintenance window", by="alice")
+        assert any(t.name == "store-commit" for t in threading.enumerate())
+    deadline = time.monotonic() + 5
+    while any(t.name == "store-commit" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the flusher outlived its store"
+        time.sleep(0.01)
