@@ -16,6 +16,7 @@ def test_the_demo_validates_plans_runs_and_shows_history(tmp_path: Path) -> None
     assert "== maintenancebot validate" in out and "== maintenancebot history" in out
     assert "DRY RUN: nothing was changed on any host" in out
     assert "needs_approval" in out, "the dry-run shows the gated reboot"
+    assert "== maintenancebot deny" in out and "denied" in out, "on-call said no to the reboot"
     first, second = tmp_path / "fleet/hosts/host-01", tmp_path / "fleet/hosts/host-02"
     # fleet-health parked the first host's stale temp file, then disk-pressure trashed it:
     # moved into the run's trash, restorable, never deleted.

@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures = 0
         for command, expected in script(fleet):
             failures += run(command, env, expected)
+            if command[:2] == ["run", "fleet-health"]:
+                failures += approval_gate(fleet.names[-1], env)
         banner("done")
         print(f"Try it yourself:\n  export MAINTENANCEBOT_CONFIG={config}\n"
               f"  {bot()} history\n  {bot()} plan fleet-health --hosts 'web'")
@@ -73,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+DEMO_ONCALL = "demo-oncall"  # the approver the demo answers as
+
+
 def script(fleet: Fleet) -> list[tuple[list[str], set[int]]]:
     """The commands shown, with the exit codes that mean the demo works as intended."""
     last = fleet.names[-1]
@@ -80,7 +85,7 @@ def script(fleet: Fleet) -> list[tuple[list[str], set[int]]]:
         (["validate", str(REPO / "runbooks"), str(REPO / "inventory")], {0}),
         (["plan", "fleet-health"], {0}),
         # The last host has a pending reboot, and the reboot step waits for a human: the demo
-        # runs the real thing on the others, and shows the gate in the dry-run above.
+        # runs the others first, then that host alone, and denies the reboot (approval_gate).
         (["run", "fleet-health", "--hosts", f"!{last}"], {0}),
         # The weekly job, dry-run first: the real packages (apt-get -s of this machine), log
         # files, Docker images, backups and certificates, host by host.
@@ -168,7 +173,8 @@ def write_files(fleet: Fleet, workdir: Path, docker_socket: str | None = None) -
     inventory = workdir / "inventory.yaml"
     inventory.write_text(demo_inventory(fleet, docker_socket))
     config = workdir / "config.yaml"
-    config.write_text(fleet.config_yaml(state, runbooks=REPO / "runbooks", inventory=inventory))
+    config.write_text(fleet.config_yaml(state, runbooks=REPO / "runbooks", inventory=inventory)
+                      + f"approvers: {{cli: [{DEMO_ONCALL}]}}\n")
     print(f"  config:    {config}\n  inventory: {inventory}\n  state:     {state}")
     return config
 
@@ -221,6 +227,33 @@ def run(command: list[str], env: dict[str, str], expected: set[int]) -> int:
         return 0
     print(f"!! exit code {result.returncode}, expected {sorted(expected)}", file=sys.stderr)
     return 1
+
+
+def approval_gate(host: str, env: dict[str, str]) -> int:
+    """The gated reboot on the host that needs one: the run parks it and waits, on-call looks
+    at the request (`approvals`) and says no from another terminal (`deny`); the run goes on."""
+    command = ["run", "fleet-health", "--hosts", host]
+    banner("maintenancebot " + " ".join(command) + "   (in the background: it will wait)")
+    waiting = subprocess.Popen([sys.executable, "-m", "maintenancebot", *command], env=env)
+    request = None
+    deadline = time.monotonic() + 60
+    while request is None and time.monotonic() < deadline and waiting.poll() is None:
+        time.sleep(0.5)
+        listed = subprocess.run([sys.executable, "-m", "maintenancebot", "approvals", "--json"],
+                                env=env, capture_output=True, text=True, check=False)
+        open_requests = json.loads(listed.stdout or "[]") if listed.returncode == 0 else []
+        request = next((r["id"] for r in open_requests if r["step"].startswith("Reboot")), None)
+    if request is None:
+        waiting.kill()
+        print("!! no approval request appeared", file=sys.stderr)
+        return 1
+    failures = run(["approvals"], env, {0})
+    failures += run(["deny", str(request), "--reason", "not during the demo", "--by", DEMO_ONCALL],
+                    env, {0})
+    if waiting.wait(timeout=60) != 0:
+        print(f"!! the gated run exited {waiting.returncode}, expected 0", file=sys.stderr)
+        failures += 1
+    return failures
 
 
 def banner(text: str) -> None:
