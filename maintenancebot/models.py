@@ -23,7 +23,8 @@ _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 def parse_duration(value: object) -> float:
     """'90s', '10m', '2h', '7d', '1w', '250ms' or a bare number of seconds -> seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
+        # pydantic turns ValueError into a located validation error; TypeError it would not
+        raise ValueError(f"invalid duration {value!r}")  # noqa: TRY004
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
@@ -49,7 +50,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 def _parse_share(value: object) -> int | str:
     """A count (3) or a share of the hosts ('25%'), kept as given for `resolve_share`."""
     if isinstance(value, bool):
-        raise ValueError(f"invalid count or percentage {value!r}")
+        raise ValueError(f"invalid count or percentage {value!r}")  # noqa: TRY004
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"must not be negative, got {value}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.live import Live
@@ -56,7 +57,7 @@ class LiveProgress:
             table.caption = f"and {len(rows) - _SHOWN_ROWS} more hosts"
         return table
 
-    def __enter__(self) -> LiveProgress:
+    def __enter__(self) -> Self:
         self._live.__enter__()
         return self
 
@@ -79,7 +80,7 @@ class LineProgress:
                 self._console.print(f"{self._prefix}host {event.host}: {event.status}",
                                     markup=False, highlight=False)
 
-    def __enter__(self) -> LineProgress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -95,8 +95,8 @@ def report_run(
     if not post:
         state, error = SKIPPED, None
     elif slack_failed:
-        state, error = FAILED, f"could not deliver to {', '.join(slack_failed)}; " \
-            f"resend with `maintenancebot notify {run_id}`"
+        state, error = FAILED, (f"could not deliver to {', '.join(slack_failed)}; "
+                                f"resend with `maintenancebot notify {run_id}`")
     else:
         state, error = SENT, None
     store.set_notify(run_id, state, error)

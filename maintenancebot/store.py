@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from maintenancebot.errors import MaintenanceBotError, NotFound, StoreError
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
@@ -435,7 +435,7 @@ class RunStore(ApprovalTables):
         """Use `redact` from now on: each run knows its own secrets (inventory, environment)."""
         self._redact = redact
 
-    def __enter__(self) -> RunStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:

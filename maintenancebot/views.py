@@ -21,7 +21,7 @@ STATUS_STYLE = {
     "unknown": "yellow", "needs_approval": "magenta", "refused": "red", "failed": "red",
     "timed_out": "red", "unreachable": "red", "aborted": "red", "interrupted": "yellow",
     "rolled_back": "yellow", "rollback_failed": "bold red", "denied": "magenta",
-    "not_started": "dim", "running": "blue", "pending": "dim",
+    "not_started": "dim", "running": "blue", "pending": "dim", "waiting": "magenta",
 }
 
 

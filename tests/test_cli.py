@@ -40,13 +40,14 @@ class Cli:
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
-                              capture_output=True, text=True, env=self.env(), timeout=120)
+                              capture_output=True, text=True, env=self.env(), timeout=120,
+                              check=False)
 
     def run_with(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         """The CLI with extra environment variables (secrets, API keys)."""
         return subprocess.run([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
                               capture_output=True, text=True, env={**self.env(), **env},
-                              timeout=120)
+                              timeout=120, check=False)
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "maintenancebot", *args], cwd=REPO,
