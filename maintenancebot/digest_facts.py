@@ -131,7 +131,7 @@ def _check_alerts(hosts: list[Doc], limit: int) -> list[Alert]:
 
 def approvals(hosts: list[Doc], dry_run: bool, limit: int) -> tuple[Alert, ...]:
     label = {"needs_approval": "would need approval" if dry_run else "awaits approval",
-             "denied": "was denied"}
+             "waiting": "awaits approval", "denied": "was denied"}
     found = names_by_step(hosts, lambda s: label.get(str(s.get("status"))))
     return tuple(Alert(f'"{step}" {what}', host_set(names, limit))
                  for (step, what), names in found.items())
@@ -153,7 +153,7 @@ def needs_human(hosts: list[Doc], dry_run: bool, limit: int) -> tuple[Alert, ...
         if by_status.get(status):
             items.append(Alert(what, host_set(by_status[status], limit)))
     pending = names_by_step(hosts, lambda s: "awaits approval" if (
-        s.get("status") == "needs_approval" and not dry_run) else None)
+        s.get("status") in ("needs_approval", "waiting") and not dry_run) else None)
     items += [Alert(f'"{step}" awaits approval', host_set(names, limit))
               for (step, _), names in pending.items()]
     return tuple(items + _check_alerts(hosts, limit))

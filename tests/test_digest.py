@@ -83,7 +83,7 @@ def test_what_changed_is_read_from_step_details() -> None:
 
 
 def test_approvals_pending_and_answered_and_rollback_failures_need_a_human() -> None:
-    parked = host("h1", "running", [step(0, "Reboot", "needs_approval", rc=None)])
+    parked = host("h1", "waiting", [step(0, "Reboot", "waiting", rc=None)])
     denied = host("h2", "succeeded", [step(0, "Reboot", "denied", rc=None)])
     half = host("h3", "failed", [step(0, "Restart", "rollback_failed", rc=1),
                                  step(1, "Migrate", "failed", rc=3, error="boom")])
