@@ -66,6 +66,9 @@ def render_metrics(stored: StoreMetrics, live: Live | None) -> str:
            [({"runbook": rb, "decision": d}, n) for (rb, d), n in sorted(stored.decisions.items())])
     family("maintenancebot_llm_tokens_total", "counter", "LLM tokens spent on summaries.",
            [({}, stored.llm_tokens)])
+    family("maintenancebot_approvals_pending", "gauge",
+           "Hosts parked on an approval request that nobody has answered yet.",
+           [({"runbook": rb}, n) for rb, n in sorted(stored.approvals_pending.items())])
     if live is None:
         return "\n".join(out) + "\n"
     family("maintenancebot_runs_in_progress", "gauge", "Runs of this daemon in flight.",

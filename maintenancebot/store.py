@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -347,6 +347,7 @@ class StoreMetrics:
     last_success: dict[str, datetime]                # runbook -> finish of its last green run
     decisions: dict[tuple[str, str], int]            # (runbook, decision) -> fires
     llm_tokens: int
+    approvals_pending: dict[str, int] = field(default_factory=dict)  # runbook -> hosts waiting
 
 
 @dataclass(frozen=True)
@@ -974,7 +975,10 @@ class RunStore(ApprovalTables):
             "SELECT runbook, decision, COUNT(*) FROM schedule_fires GROUP BY 1, 2")}
         tokens = int(self._query("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) "
                                  "FROM llm_usage")[0][0])
-        return StoreMetrics(runs, failed, steps, success, decisions, tokens)
+        pending = {r[0]: int(r[1]) for r in self._query(
+            "SELECT a.runbook, COUNT(*) FROM approvals a JOIN approval_hosts h ON "
+            "h.approval_id = a.id WHERE a.status = 'open' AND h.decision IS NULL GROUP BY 1")}
+        return StoreMetrics(runs, failed, steps, success, decisions, tokens, pending)
 
 
 # ----------------------------------------------------------------------------------- rows

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from maintenancebot import app
+from maintenancebot.daemon_http import render_metrics
 from maintenancebot.engine import RunOutcome
 from maintenancebot.models import Approvers, Settings
 from maintenancebot.states import HostStatus, RunStatus
@@ -148,6 +149,9 @@ def test_only_hosts_whose_condition_holds_park_in_one_request_and_approve_resume
     listed = gate.cli("approvals", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [d["id"] for d in json.loads(listed.stdout)] == [request.id]
+    with app.open_store(gate.settings) as store:
+        assert 'maintenancebot_approvals_pending{runbook="test"} 2' in render_metrics(
+            store.metrics(), None)
     done = gate.cli("approve", str(request.id), "--by", "alice")
     assert done.returncode == 0, done.stderr
     outcome = gate.finish()
