@@ -701,9 +701,7 @@ class RunStore(ApprovalTables):
         daemon to resume it; the open requests stay answerable."""
         now = utc_now()
         with self._tx() as db:
-            db.execute("UPDATE steps SET status = ?, error = ?, finished_at = ? "
-                       "WHERE run_id = ? AND status = ?",
-                       (str(StepStatus.INTERRUPTED), DIED, now, run_id, str(StepStatus.RUNNING)))
+            _interrupt_steps_in_flight(db, run_id, now)
             db.execute("UPDATE hosts SET status = ? WHERE run_id = ? AND status IN (?, ?) AND "
                        "host IN (SELECT host FROM steps WHERE run_id = ? AND status = ?)",
                        (str(HostStatus.WAITING), run_id, str(HostStatus.RUNNING),
@@ -754,9 +752,7 @@ class RunStore(ApprovalTables):
         now = utc_now()
         reason = f"the controller process (pid {pid}) died mid-run; nothing was re-run"
         with self._tx() as db:
-            db.execute("UPDATE steps SET status = ?, error = ?, finished_at = ? "
-                       "WHERE run_id = ? AND status = ?",
-                       (str(StepStatus.INTERRUPTED), DIED, now, run_id, str(StepStatus.RUNNING)))
+            _interrupt_steps_in_flight(db, run_id, now)
             db.execute("UPDATE hosts SET status = ?, error = COALESCE(error, ?), finished_at = ? "
                        "WHERE run_id = ? AND status IN (?, ?)",
                        (str(HostStatus.INTERRUPTED), DIED, now, run_id,
@@ -982,6 +978,12 @@ class RunStore(ApprovalTables):
 
 
 # ----------------------------------------------------------------------------------- rows
+
+
+def _interrupt_steps_in_flight(db: sqlite3.Connection, run_id: str, now: str) -> None:
+    db.execute("UPDATE steps SET status = ?, error = ?, finished_at = ? "
+               "WHERE run_id = ? AND status = ?",
+               (str(StepStatus.INTERRUPTED), DIED, now, run_id, str(StepStatus.RUNNING)))
 
 
 def _advance(db: sqlite3.Connection, runbook: str, moment: datetime) -> None:

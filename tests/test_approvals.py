@@ -108,11 +108,16 @@ def until(condition: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def gate(fleet: Fleet, tmp_path: Path) -> Iterator[Gate]:
+def fresh_roots(fleet: Fleet) -> None:
+    """Every host's root directory, empty: a test sees only what it wrote."""
     for name in fleet.names:
         subprocess.run(["rm", "-rf", str(fleet.root(name))], check=True)
         fleet.root(name).mkdir(parents=True)
+
+
+@pytest.fixture
+def gate(fleet: Fleet, tmp_path: Path) -> Iterator[Gate]:
+    fresh_roots(fleet)
     made = Gate(fleet, tmp_path)
     yield made
     with app.open_store(made.settings) as store:  # never leave a run parked behind a test

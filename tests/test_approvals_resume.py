@@ -15,7 +15,7 @@ import pytest
 
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.testing.fleet import Fleet
-from tests.test_approvals import GATED
+from tests.test_approvals import GATED, fresh_roots
 from tests.test_daemon_process import Service, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,18 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def service(fleet: Fleet, tmp_path: Path) -> Iterator[Service]:
-    for name in fleet.names:
-        subprocess.run(["rm", "-rf", str(fleet.root(name))], check=True)
-        fleet.root(name).mkdir(parents=True)
+    fresh_roots(fleet)
     made = Service(fleet, tmp_path)
     with made.config.open("a") as config:
         config.write("approvers: {cli: [alice]}\n")
     yield made
-    for proc in made.procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    made.socket.close()
+    made.close()
 
 
 def cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:

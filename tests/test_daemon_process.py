@@ -78,6 +78,14 @@ class Service:
     def store(self) -> RunStore:
         return RunStore(self.state / "maintenancebot.db")
 
+    def close(self) -> None:
+        """Kill whatever daemon a test left running."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.socket.close()
+
     def stop(self, proc: subprocess.Popen[str]) -> int:
         proc.send_signal(signal.SIGTERM)
         self.expect("STOPPING=1")
@@ -89,11 +97,7 @@ class Service:
 def service(fleet: Fleet, tmp_path: Path) -> Iterator[Service]:
     made = Service(fleet, tmp_path)
     yield made
-    for proc in made.procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    made.socket.close()
+    made.close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
