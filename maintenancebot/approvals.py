@@ -56,18 +56,21 @@ class AnswerRefused(MaintenanceBotError):
 def answer(
     settings: Settings, store: RunStore, request_id: int, *, approve: bool, by: str,
     channel: str, hosts: Sequence[str] | None = None, reason: str | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> VoteOutcome:
     """Record one person's answer to a request, or raise AnswerRefused (recorded in the audit
-    table either way). `channel` is "cli" or "slack"; `by` a CLI name or a Slack user id."""
+    table either way). `channel` is "cli" or "slack"; `by` a CLI name or a Slack user id;
+    `origin` what else says who it was (the CLI's OS user behind a `--by`), for the audit."""
     request = store.get_approval(request_id)
     vote = "approve" if approve else "deny"
     refusal = _refusal(settings, store, request, by=by, channel=channel, approve=approve)
     if refusal:
         store.audit("approval.refused", run_id=request.run_id, actor=by, details={
-            "approval": request_id, "vote": vote, "channel": channel, "why": refusal})
+            "approval": request_id, "vote": vote, "channel": channel, "why": refusal,
+            **(origin or {})})
         raise AnswerRefused(refusal)
     return store.cast_vote(request_id, vote=vote, voter=by, channel=channel, hosts=hosts,
-                           reason=reason)
+                           reason=reason, origin=origin)
 
 
 def _refusal(settings: Settings, store: RunStore, request: ApprovalRecord, *, by: str,

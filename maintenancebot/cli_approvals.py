@@ -8,7 +8,9 @@ Who may answer, and what an answer does, is `maintenancebot.approvals`.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -101,8 +103,11 @@ def _answer(state: _State, request_id: int, *, approve: bool, hosts: tuple[str, 
 
     with app.open_store(state.settings) as store:
         who = by or app.current_user()
+        # `--by` is a claim; the login behind it is what the OS vouches for, so both are kept.
         outcome = answer(state.settings, store, request_id, approve=approve, by=who,
-                         channel="cli", hosts=list(hosts) or None, reason=reason)
+                         channel="cli", hosts=list(hosts) or None, reason=reason,
+                         origin={"os_user": getpass.getuser(), "sudo_user":
+                                 os.environ.get("SUDO_USER")})
     for host, decision in sorted(outcome.decided.items()):
         click.echo(f"{host}: {decision}")
     for host in outcome.pending:

@@ -173,7 +173,8 @@ class ApprovalTables:
         return record, record.entry(host)
 
     def cast_vote(self, request: int, *, vote: str, voter: str, channel: str,
-                  hosts: Sequence[str] | None = None, reason: str | None = None) -> VoteOutcome:
+                  hosts: Sequence[str] | None = None, reason: str | None = None,
+                  origin: dict[str, Any] | None = None) -> VoteOutcome:
         """Record one answer. A deny decides at once; an approve decides a host when `quorum`
         distinct voters approved it. A host already decided keeps its first answer (the vote
         is still kept, marked not counted). `hosts` None: every host still waiting."""
@@ -224,7 +225,7 @@ class ApprovalTables:
             self._audit(db, f"approval.{vote}", run_id=row["run_id"], actor=voter, details={
                 "approval": request, "channel": channel, "hosts": targets,
                 "decided": decided, "already_decided": already, "short_of_quorum": pending,
-                "reason": self._text(reason)})
+                "reason": self._text(reason), **(origin or {})})
             return VoteOutcome(decided, already, pending, closed)
 
     def close_entries(self, request: int, hosts: Sequence[str] | None, decision: str,

@@ -4,6 +4,7 @@ approval bound to what was shown (the file list grew: it parks again)."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -252,6 +253,8 @@ def test_four_eyes_approver_list_quorum_and_first_answer_kept(gate: Gate) -> Non
     assert [(v.voter, v.counted) for v in record.votes] == [("alice", True), ("alice", False),
                                                             ("carol", True)]
     assert sorted(a.actor or "" for a in refused) == ["bob", "carol", "mallory"]
+    # `--by` is what the caller claims; the OS user who ran the command is kept beside it.
+    assert {a.details["os_user"] for a in refused} == {getpass.getuser()}
 
 
 def test_on_deny_rollback_undoes_the_host_and_abort_stops_the_run(gate: Gate) -> None:
