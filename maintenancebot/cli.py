@@ -98,6 +98,8 @@ def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
       maintenancebot validate runbooks/ inventory/        # in CI and as a pre-commit hook
       maintenancebot plan weekly-maintenance -i inventory/prod.yaml   # what would happen
       maintenancebot run  weekly-maintenance -i inventory/prod.yaml   # do it
+      maintenancebot approvals                            # steps waiting for a human
+      maintenancebot approve 12                           # ... say yes (or: deny 12)
       maintenancebot history                              # what happened
       maintenancebot stop --reason "incident 4711"        # halt every run before its next step
 
