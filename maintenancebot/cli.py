@@ -10,11 +10,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -244,13 +247,15 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
         def echo(line: str) -> None:  # approval requests, reminders, answers
             err.print(line, style="yellow", markup=False)
 
-        if progress is None:
-            outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store,
-                                  notify=notify, wait=wait, approval_echo=echo)
-        else:
-            with progress:
-                outcome = app.execute(settings, the_plan, dry_run=dry_run, observer=progress,
-                                      store=store, notify=notify, wait=wait, approval_echo=echo)
+        with _ctrl_c_stops_between_steps():
+            if progress is None:
+                outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store,
+                                      notify=notify, wait=wait, approval_echo=echo)
+            else:
+                with progress:
+                    outcome = app.execute(settings, the_plan, dry_run=dry_run,
+                                          observer=progress, store=store, notify=notify,
+                                          wait=wait, approval_echo=echo)
         _print_run(views.run_document(store, outcome.run_id), as_json)
         if outcome.status is RunStatus.WAITING and not as_json:
             err.print(f"run {outcome.run_id} waits for approval (see `maintenancebot "
@@ -261,6 +266,28 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
     finally:
         store.close()
     sys.exit(_RUN_EXIT[outcome.status])
+
+
+@contextmanager
+def _ctrl_c_stops_between_steps() -> Iterator[None]:
+    """The first Ctrl-C stops the run as a daemon stop does: steps in flight finish, no host
+    takes another step, hosts parked on an approval are left to the daemon (exit 4 then, else
+    3). The second one quits at once, as usual."""
+    from maintenancebot.runcontrol import PROCESS_STOP
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if PROCESS_STOP.reason is not None:
+            signal.default_int_handler(signum, frame)
+        # Only an assignment here: a handler may run while another thread holds a lock.
+        PROCESS_STOP.request("stopped with Ctrl-C: the steps in flight finished, no further "
+                             "step started")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        PROCESS_STOP.clear()
 
 
 def _print_run(doc: dict[str, Any], as_json: bool) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -320,3 +321,30 @@ def test_dry_run_shows_needs_approval_for_the_hosts_that_would_park(gate: Gate) 
         reboot = next(s for s in gate.bench.steps(outcome.run_id, name) if s["name"] == "reboot")
         assert reboot["status"] == ("needs_approval" if name == names[1] else "skipped")
     assert gate.requests(None) == []
+
+
+def test_ctrl_c_while_hosts_wait_leaves_the_run_to_the_daemon_with_exit_4(gate: Gate) -> None:
+    names = gate.fleet.names
+    flag(gate, names[0])
+    path = gate.bench.write_runbook(gated())
+    env = {**os.environ, "MAINTENANCEBOT_CONFIG": str(gate.config), "NO_COLOR": "1"}
+    waiting = subprocess.Popen([sys.executable, "-m", "maintenancebot", "run", str(path)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        request = gate.await_request()
+        until(lambda: all(gate.has(n, "after") for n in names[1:]))
+        waiting.send_signal(signal.SIGINT)
+        _, stderr = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 4, stderr
+    assert "waits for approval" in stderr
+    with app.open_store(gate.settings) as store:
+        run = store.list_runs(limit=1)[0]
+        hosts = {h.host: h.status for h in store.get_hosts(run.id)}
+        assert store.list_approvals()[0].id == request.id, "still answerable"
+    assert run.status is RunStatus.WAITING
+    assert hosts[names[0]] is HostStatus.WAITING
+    assert all(hosts[n] is HostStatus.SUCCEEDED for n in names[1:])
