@@ -1,6 +1,7 @@
 """The Slack notifier: one message per run, details in its thread; or one incoming-webhook post.
 
-The only module that imports slack_sdk. Retries are the SDK's own retry handlers (rate limits
+The only module that imports slack_sdk: the approval messages, the click endpoint and Socket
+Mode (`slack_approvals`, `slack_actions`, `slack_socket`) take the SDK's pieces from here. Retries are the SDK's own retry handlers (rate limits
 honouring Retry-After, connection errors, server errors), so there is one retry loop, not two.
 Messages are built to Slack's limits (≤ 50 blocks, ≤ 3 000 characters a section, ≤ 150 a header,
 ≤ 40 000 of fallback text), cut with "…" rather than rejected. Text is escaped for mrkdwn, so a
@@ -22,10 +23,22 @@ from slack_sdk.http_retry.builtin_handlers import (
 from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
 from slack_sdk.http_retry.handler import RetryHandler
 from slack_sdk.http_retry.jitter import Jitter
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.socket_mode.builtin.client import SocketModeClient
+from slack_sdk.socket_mode.client import BaseSocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.webhook import WebhookClient
 
 from maintenancebot.models import SlackSettings
 from maintenancebot.notify import DRY, NotifyError, RunMessage
+
+# What the other Slack modules use: the SDK's pieces, re-exported so they need not import it.
+__all__ = [
+    "BaseSocketModeClient", "SignatureVerifier", "SlackApiError", "SlackClientError",
+    "SlackNotifier", "SocketModeClient", "SocketModeRequest", "SocketModeResponse", "WebClient",
+    "WebhookClient", "escape", "retry_handlers",
+]
 
 MAX_BLOCKS = 50
 SECTION_CHARS = 3000

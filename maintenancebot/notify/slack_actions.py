@@ -28,15 +28,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from slack_sdk import WebClient
-from slack_sdk.errors import SlackClientError
-from slack_sdk.signature import SignatureVerifier
-from slack_sdk.webhook import WebhookClient
-
 from maintenancebot.approvals import AnswerRefused, answer
 from maintenancebot.errors import MaintenanceBotError, NotFound
 from maintenancebot.models import parse_address
-from maintenancebot.notify.slack import _why, escape, retry_handlers
+from maintenancebot.notify.slack import (
+    SignatureVerifier,
+    SlackClientError,
+    WebClient,
+    WebhookClient,
+    _why,
+    escape,
+    retry_handlers,
+)
 from maintenancebot.notify.slack_approvals import APPROVE, DENY
 
 if TYPE_CHECKING:

@@ -20,14 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slack_sdk import WebClient
-from slack_sdk.errors import SlackClientError
-
 from maintenancebot.notify import NotifyError
 from maintenancebot.notify.slack import (
     HEADER_CHARS,
     MAX_BLOCKS,
     SECTION_CHARS,
+    SlackClientError,
+    WebClient,
     _cut,
     _section,
     _why,

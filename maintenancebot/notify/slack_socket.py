@@ -14,12 +14,14 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from slack_sdk import WebClient
-from slack_sdk.errors import SlackClientError
-from slack_sdk.socket_mode.builtin.client import SocketModeClient
-from slack_sdk.socket_mode.client import BaseSocketModeClient
-from slack_sdk.socket_mode.request import SocketModeRequest
-from slack_sdk.socket_mode.response import SocketModeResponse
+from maintenancebot.notify.slack import (
+    BaseSocketModeClient,
+    SlackClientError,
+    SocketModeClient,
+    SocketModeRequest,
+    SocketModeResponse,
+    WebClient,
+)
 
 if TYPE_CHECKING:
     from maintenancebot.notify.slack_actions import ApprovalClicks
