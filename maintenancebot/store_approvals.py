@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from maintenancebot.errors import NotFound
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from maintenancebot.store_records import StorePlumbing, from_iso
 
 OPEN = "open"
 CLOSED = "closed"
@@ -99,18 +96,7 @@ class VoteOutcome:
     closed: bool
 
 
-class ApprovalTables:
-    if TYPE_CHECKING:  # provided by RunStore
-        _redact: Callable[[str], str]
-
-        def _tx(self) -> AbstractContextManager[sqlite3.Connection]: ...
-        def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]: ...
-        def _text(self, value: str | None, tail: bool = False) -> str | None: ...
-        def _json(self, value: Any) -> str | None: ...
-        def _audit(self, db: sqlite3.Connection, action: str, *, run_id: str | None = None,
-                   host: str | None = None, actor: str | None = None,
-                   details: dict[str, Any] | None = None) -> None: ...
-
+class ApprovalTables(StorePlumbing):
     def open_approval(
         self, *, run_id: str, runbook: str, step_index: int, step_name: str, quorum: int,
         on_deny: str, started_by: str | None, rollback: str | None, deadline: datetime,
@@ -302,13 +288,13 @@ class ApprovalTables:
             host=h["host"], step_row=h["step_row"], digest=h["digest"], command=h["command"],
             why=json.loads(h["why"] or "{}"),
             preview=None if h["preview"] is None else json.loads(h["preview"]),
-            decision=h["decision"], decided_at=_when(h["decided_at"]),
+            decision=h["decision"], decided_at=from_iso(h["decided_at"]),
             decided_by=h["decided_by"], channel=h["channel"], reason=h["reason"],
             approvals=int(counts.get(h["host"], 0)),
         ) for h in self._query("SELECT * FROM approval_hosts WHERE approval_id = ? "
                                "ORDER BY rowid", (request,)))
         votes = tuple(Vote(host=v["host"], vote=v["vote"], voter=v["voter"],
-                           channel=v["channel"], at=_when(v["at"]) or _now(),
+                           channel=v["channel"], at=from_iso(v["at"]) or _now(),
                            reason=v["reason"], counted=bool(v["counted"]))
                       for v in self._query("SELECT * FROM approval_votes WHERE approval_id = ? "
                                            "ORDER BY id", (request,)))
@@ -316,9 +302,9 @@ class ApprovalTables:
             id=request, run_id=r["run_id"], runbook=r["runbook"], step_index=r["step_index"],
             step_name=r["step_name"], status=r["status"], quorum=r["quorum"],
             on_deny=r["on_deny"], started_by=r["started_by"], rollback=r["rollback"],
-            opened_at=_when(r["opened_at"]) or _now(), deadline=_when(r["deadline"]) or _now(),
-            remind_at=_when(r["remind_at"]), reminded_at=_when(r["reminded_at"]),
-            closed_at=_when(r["closed_at"]), notice=json.loads(r["notice"] or "{}"),
+            opened_at=from_iso(r["opened_at"]) or _now(), deadline=from_iso(r["deadline"]) or _now(),
+            remind_at=from_iso(r["remind_at"]), reminded_at=from_iso(r["reminded_at"]),
+            closed_at=from_iso(r["closed_at"]), notice=json.loads(r["notice"] or "{}"),
             hosts=hosts, votes=votes)
 
 
@@ -328,7 +314,3 @@ def _now() -> datetime:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _when(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None

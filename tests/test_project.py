@@ -24,8 +24,9 @@ BOUNDARIES = {
     "slack_sdk": {"notify/slack.py"},
     "openai": {"llm.py"},
     "docker": {"actions/docker_prune.py"},
-    # the store, its approval tables and its group commit
-    "sqlite3": {"store.py", "store_approvals.py", "store_commit.py"},
+    # the store and its parts: approvals, group commit, processes and leases, schedule
+    "sqlite3": {"store.py", "store_approvals.py", "store_commit.py", "store_process.py",
+                "store_records.py", "store_schedule.py"},
 }
 
 
