@@ -18,9 +18,10 @@ from typing import Any
 
 from maintenancebot.approvals import ApprovalDesk, ApprovalNotifier
 from maintenancebot.errors import MaintenanceBotError
-from maintenancebot.hostrun import HostResume, HostRun
+from maintenancebot.hostrun import HostRun
 from maintenancebot.models import Host
 from maintenancebot.plan import Plan
+from maintenancebot.resume import HostResume
 from maintenancebot.runcontrol import Observer, RunControl
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
 from maintenancebot.store import RunRecord, RunStore

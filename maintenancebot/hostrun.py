@@ -464,24 +464,6 @@ class HostRun:
         return status
 
 
-@dataclass
-class HostResume:
-    """How a host of a resumed run goes on: finished (its status), or from step `start` with
-    what its completed steps registered and did (for conditions and rollback)."""
-
-    finished: HostStatus | None = None
-    start: int = 0
-    parked_row: int | None = None
-    registered: dict[str, Registered] = field(default_factory=dict)
-    done: list[Completed] = field(default_factory=list)
-
-    def apply(self, host_run: HostRun) -> None:
-        host_run.start = self.start
-        host_run.parked_row = self.parked_row
-        host_run.registered = dict(self.registered)
-        host_run.done = list(self.done)
-
-
 def _from_report(report: ActionReport) -> StepOutcome:
     return StepOutcome(
         StepStatus.OK if report.ok else StepStatus.FAILED, rc=report.rc, changed=report.changed,

@@ -14,13 +14,13 @@ import logging
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maintenancebot.actions import ActionReport, get_action
-from maintenancebot.engine import RunOutcome
 from maintenancebot.errors import MaintenanceBotError
-from maintenancebot.hostrun import Completed, HostResume
+from maintenancebot.hostrun import Completed, HostRun
 from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory, load_runbook
 from maintenancebot.models import Host, Settings
@@ -28,6 +28,9 @@ from maintenancebot.plan import Plan, RunbookSource, build_plan, host_context
 from maintenancebot.states import TERMINAL_HOST, HostStatus, RunStatus, StepStatus
 from maintenancebot.store import HostRecord, RunRecord, RunStore, StepRecord
 from maintenancebot.templating import Registered
+
+if TYPE_CHECKING:
+    from maintenancebot.engine import RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,24 @@ def _give_up(store: RunStore, run: RunRecord, why: str) -> None:
 
 
 # ------------------------------------------------------------------------------ host state
+
+
+@dataclass
+class HostResume:
+    """How a host of a resumed run goes on: finished (its status), or from step `start` with
+    what its completed steps registered and did (for conditions and rollback)."""
+
+    finished: HostStatus | None = None
+    start: int = 0
+    parked_row: int | None = None
+    registered: dict[str, Registered] = field(default_factory=dict)
+    done: list[Completed] = field(default_factory=list)
+
+    def apply(self, host_run: HostRun) -> None:
+        host_run.start = self.start
+        host_run.parked_row = self.parked_row
+        host_run.registered = dict(self.registered)
+        host_run.done = list(self.done)
 
 
 def host_states(plan: Plan, run: RunRecord, store: RunStore) -> dict[str, HostResume]:
