@@ -1,7 +1,8 @@
 """YAML files -> Runbook, Inventory and Settings, with every problem as FILE:LINE: field: message.
 
 Owns the checks that need a whole document or several of them (duplicate step names, templates,
-actions, group references, host patterns against inventories, inline secrets); single values are
+actions, host patterns against inventories, inline secrets; the inventory files' own cross-checks
+are `inventory_checks`); single values are
 checked by the models' validators, whose errors `yamlsource` places on their lines. Checks read
 the raw data defensively rather than the model, so that one file reports all of its problems at
 once, not only those the model got far enough to see. Reads files; runs nothing, renders nothing.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,6 +22,13 @@ from pydantic import BaseModel, ValidationError
 from maintenancebot.actions import action_arg_errors, get_action
 from maintenancebot.errors import ConfigError, ConfigIssue
 from maintenancebot.inventory import unknown_terms
+from maintenancebot.inventory_checks import (
+    Where,
+    defined_twice,
+    inventory_issues,
+    inventory_names,
+    string_items,
+)
 from maintenancebot.models import HostDefaults, Inventory, Runbook, Settings
 from maintenancebot.scheduling import check_cron
 from maintenancebot.templating import check_syntax, referenced_names
@@ -57,7 +64,6 @@ _READONLY_GATED = (
     "a readonly step needs no approval (it runs even in a dry-run); drop 'approval' or 'readonly'"
 )
 _M = TypeVar("_M", bound=BaseModel)
-_Where = tuple[Source, Loc]  # a place in one file, to name in an issue about another
 
 
 # ------------------------------------------------------------------------------ public API
@@ -80,7 +86,7 @@ def load_runbooks(directory: Path) -> tuple[dict[str, tuple[Path, Runbook]], lis
         return {}, [ConfigIssue(str(directory), None, "", "no such directory")]
     issues: list[ConfigIssue] = []
     runbooks: dict[str, tuple[Path, Runbook]] = {}
-    seen: dict[str, _Where] = {}
+    seen: dict[str, Where] = {}
     for path in yaml_files_in(directory):
         file_issues: list[ConfigIssue] = []
         source = read_mapping(path, file_issues)
@@ -100,7 +106,8 @@ def load_inventory(path: Path) -> Inventory:
         issues.append(ConfigIssue(str(path), None, "", "no *.yaml or *.yml files here"))
     sources = [s for s in (read_mapping(file, issues) for file in files) if s is not None]
     parts = [_validate(source, Inventory, issues) for source in sources]
-    issues += _inventory_issues(sources, merged=True)
+    issues += inventory_issues(sources, merged=True)
+    issues += [i for source in sources for i in _secret_issues(source, source.data, ())]
     if issues:
         raise ConfigError(_sorted(issues))
     return _merge_inventories([part for part in parts if part is not None])
@@ -140,7 +147,8 @@ def validate_paths(paths: list[Path]) -> list[ConfigIssue]:
             _validate(source, Inventory, issues)
         elif source and kind == "config":
             _check_settings(source, issues)
-    issues += _inventory_issues(inventories, merged=False)
+    issues += inventory_issues(inventories, merged=False)
+    issues += [i for source in inventories for i in _secret_issues(source, source.data, ())]
     issues += _runbook_set_issues(runbooks, inventories)
     return _sorted(issues)
 
@@ -175,12 +183,6 @@ def _validate(
         return None
 
 
-def _twice(source: Source, loc: Loc, what: str, first: _Where) -> ConfigIssue:
-    other, other_loc = first
-    where = f"{other.file}:{other.line(other_loc)}"
-    return source.issue(loc, f"{what} is defined twice: here and at {where}")
-
-
 def _secret_issues(source: Source, value: Any, loc: Loc) -> list[ConfigIssue]:
     """Values under secret-looking keys that are not env:NAME / file:/path references."""
     return [
@@ -195,16 +197,6 @@ def _inline_secret(value: Any) -> bool:
         # A template ("{{ host.vars.db_password }}") refers to a secret, it does not hold one.
         return bool(value) and not _SECRET_REFERENCE.match(value) and "{{" not in value
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _dict(value: Any) -> dict[Any, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _strings(value: Any) -> list[tuple[int, str]]:
-    """The string items of a list, with their index (wrong types are the model's to report)."""
-    items = value if isinstance(value, list) else []
-    return [(index, item) for index, item in enumerate(items) if isinstance(item, str)]
 
 
 # ------------------------------------------------------------------------------ runbooks
@@ -335,8 +327,8 @@ def _action_issues(source: Source, index: int, step: dict[Any, Any]) -> list[Con
 def _runbook_set_issues(runbooks: list[Source], inventories: list[Source]) -> list[ConfigIssue]:
     """Across files: duplicate runbook names, and host patterns naming what no inventory has."""
     issues: list[ConfigIssue] = []
-    seen: dict[str, _Where] = {}
-    names = _inventory_names(inventories)
+    seen: dict[str, Where] = {}
+    names = inventory_names(inventories)
     for source in runbooks:
         name = source.data.get("name", Path(source.file).stem)
         if isinstance(name, str):
@@ -346,9 +338,9 @@ def _runbook_set_issues(runbooks: list[Source], inventories: list[Source]) -> li
     return issues
 
 
-def _duplicate_name(seen: dict[str, _Where], source: Source, name: str) -> list[ConfigIssue]:
+def _duplicate_name(seen: dict[str, Where], source: Source, name: str) -> list[ConfigIssue]:
     if name in seen:
-        return [_twice(source, ("name",), f"runbook {name!r}", seen[name])]
+        return [defined_twice(source, ("name",), f"runbook {name!r}", seen[name])]
     seen[name] = (source, ("name",))
     return []
 
@@ -358,125 +350,13 @@ def _host_pattern_issues(source: Source, groups: set[str], hosts: set[str]) -> l
     items = (
         [(("hosts",), patterns)]
         if isinstance(patterns, str)
-        else [(("hosts", index), pattern) for index, pattern in _strings(patterns)]
+        else [(("hosts", index), pattern) for index, pattern in string_items(patterns)]
     )
     return [
         source.issue(loc, f"unknown host or group {term!r}")
         for loc, pattern in items
         for term in unknown_terms([pattern], groups, hosts)
     ]
-
-
-# ------------------------------------------------------------------------------ inventories
-
-
-@dataclass
-class _Names:
-    """Where each host and group of one or more inventory files is defined."""
-
-    hosts: dict[str, _Where] = field(default_factory=dict)
-    groups: dict[str, _Where] = field(default_factory=dict)
-    twice: list[ConfigIssue] = field(default_factory=list)
-
-
-def _inventory_names(sources: list[Source], merged: bool = False) -> _Names:
-    """When `merged` the files form one inventory, so a name defined twice is an error; for
-    `validate` they may be separate inventories (demo, production) that share names."""
-    names = _Names()
-    for source in sources:
-        for kind, table in (("hosts", names.hosts), ("groups", names.groups)):
-            for name in (n for n in _dict(source.data.get(kind)) if isinstance(n, str)):
-                if merged and name in table:
-                    names.twice.append(
-                        _twice(source, (kind, name), f"{kind[:-1]} {name!r}", table[name])
-                    )
-                table.setdefault(name, (source, (kind, name)))
-    return names
-
-
-def _inventory_issues(sources: list[Source], *, merged: bool) -> list[ConfigIssue]:
-    names = _inventory_names(sources, merged)
-    issues = names.twice + _group_cycle_issues(sources)
-    for source in sources:
-        issues += _reference_issues(source, names)
-        issues += _ambiguous_name_issues(source, names)
-        issues += _secret_issues(source, source.data, ())
-    if merged:
-        with_defaults = [(s, ("defaults",)) for s in sources if "defaults" in s.data]
-        issues += [_twice(s, loc, "defaults", with_defaults[0]) for s, loc in with_defaults[1:]]
-    return issues
-
-
-def _reference_issues(source: Source, names: _Names) -> list[ConfigIssue]:
-    """Group members, group children and jump hosts that are not defined anywhere."""
-    issues = []
-    for group, spec in _dict(source.data.get("groups")).items():
-        issues += [
-            source.issue(
-                ("groups", group, "hosts", i), f"undefined host {host!r} (define it under hosts:)"
-            )
-            for i, host in _strings(_dict(spec).get("hosts"))
-            if host not in names.hosts
-        ]
-        issues += [
-            source.issue(("groups", group, "children", i), f"undefined group {child!r}")
-            for i, child in _strings(_dict(spec).get("children"))
-            if child not in names.groups
-        ]
-    jumps = [(("defaults", "jump"), _dict(source.data.get("defaults")).get("jump"))] + [
-        (("hosts", host, "jump"), _dict(entry).get("jump"))
-        for host, entry in _dict(source.data.get("hosts")).items()
-    ]
-    issues += [
-        source.issue(loc, f"undefined jump host {jump!r}")
-        for loc, jump in jumps
-        if isinstance(jump, str) and jump not in names.hosts
-    ]
-    return issues
-
-
-def _ambiguous_name_issues(source: Source, names: _Names) -> list[ConfigIssue]:
-    """Names a host pattern could not tell apart: 'all', and a host named like a group."""
-    issues = [
-        source.issue((kind, "all"), "'all' is reserved: it means every host")
-        for kind in ("hosts", "groups")
-        if "all" in _dict(source.data.get(kind))
-    ]
-    return issues + [
-        source.issue(
-            ("hosts", host),
-            f"{host!r} names both a host and a group, so host patterns would be ambiguous",
-        )
-        for host in _dict(source.data.get("hosts"))
-        if host in names.groups and host != "all"
-    ]
-
-
-def _group_cycle_issues(sources: list[Source]) -> list[ConfigIssue]:
-    """Groups that contain themselves through `children`, reported once per cycle."""
-    edges: dict[str, list[tuple[str, Source, Loc]]] = {}
-    for source in sources:
-        for group, spec in _dict(source.data.get("groups")).items():
-            edges.setdefault(group, []).extend(
-                (child, source, ("groups", group, "children", i))
-                for i, child in _strings(_dict(spec).get("children"))
-            )
-    issues: list[ConfigIssue] = []
-    done: set[str] = set()
-
-    def visit(group: str, path: list[str]) -> None:
-        for child, source, loc in edges.get(group, []):
-            if child in path:
-                cycle = " -> ".join([*path[path.index(child) :], child])
-                issues.append(source.issue(loc, f"groups contain each other: {cycle}"))
-            elif child not in done:
-                visit(child, [*path, child])
-        done.add(group)
-
-    for group in list(edges):
-        if group not in done:
-            visit(group, [group])
-    return issues
 
 
 def _merge_inventories(parts: list[Inventory]) -> Inventory:
