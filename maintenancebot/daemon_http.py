@@ -96,16 +96,17 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class StatusServer:
-    """Serves /healthz and /metrics on a thread until `close()`."""
+class ThreadedServer:
+    """An HTTP server on a thread of its own until `close()`: the daemon's two endpoints."""
 
-    def __init__(self, address: tuple[str, int], health: Health,
-                 metrics: Callable[[], str]) -> None:
-        handler = _handler(health, metrics)
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 name: str, serves: str) -> None:
         self._server = ThreadingHTTPServer(address, handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
-                                        daemon=True)
+        self._serves = serves
+        # A short poll interval: close() returns promptly when the daemon stops.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,),
+                                        name=name, daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -114,11 +115,20 @@ class StatusServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("health and metrics on http://%s:%d/", *self.address)
+        log.info("%s on http://%s:%d", self._serves, *self.address)
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class StatusServer(ThreadedServer):
+    """Serves /healthz and /metrics on a thread until `close()`."""
+
+    def __init__(self, address: tuple[str, int], health: Health,
+                 metrics: Callable[[], str]) -> None:
+        super().__init__(address, _handler(health, metrics), name="http",
+                         serves="health and metrics (/healthz, /metrics)")
 
 
 def _handler(health: Health, metrics: Callable[[], str]) -> type[BaseHTTPRequestHandler]:

@@ -20,15 +20,15 @@ import hmac
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from maintenancebot.approvals import AnswerRefused, answer
+from maintenancebot.daemon_http import ThreadedServer
 from maintenancebot.errors import MaintenanceBotError, NotFound
 from maintenancebot.models import parse_address
 from maintenancebot.notify.slack import (
@@ -217,30 +217,15 @@ class SignedDeliveries:
         return None
 
 
-class InteractivityServer:
+class InteractivityServer(ThreadedServer):
     """POST /slack/actions on its own address, on a thread until `close()`.
 
     Apart from /healthz and /metrics (`--listen`) on purpose: this one is reached from Slack,
     through a reverse proxy with TLS, and nothing else should be exposed with it."""
 
     def __init__(self, address: tuple[str, int], deliveries: SignedDeliveries) -> None:
-        self._server = ThreadingHTTPServer(address, _handler(deliveries))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,),
-                                        name="slack-actions", daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("Slack interactivity endpoint on http://%s:%d%s", *self.address, ACTIONS_PATH)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(address, _handler(deliveries), name="slack-actions",
+                         serves=f"Slack interactivity endpoint ({ACTIONS_PATH})")
 
 
 def _handler(deliveries: SignedDeliveries) -> type[BaseHTTPRequestHandler]:
