@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,11 @@ def tree_digest(root: Path) -> dict[str, str]:
                 content = hashlib.sha256(path.read_bytes()).hexdigest()
             result[str(path.relative_to(root))] = f"{st.st_mode:o} {st.st_size} {st.st_mtime_ns} {content}"
     return result
+
+
+def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Wait for `condition`, polling; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

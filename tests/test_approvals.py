@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from maintenancebot.models import Approvers, Settings
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store_approvals import ApprovalRecord
 from maintenancebot.testing.fleet import Fleet
-from tests.harness import Bench
+from tests.harness import Bench, until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,13 +101,6 @@ class Gate:
     def lines_of(self, host: str, name: str) -> list[str]:
         path = self.fleet.root(host) / name
         return path.read_text().splitlines() if path.exists() else []
-
-
-def until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def fresh_roots(fleet: Fleet) -> None:

@@ -15,8 +15,9 @@ import pytest
 
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.testing.fleet import Fleet
+from tests.harness import until
 from tests.test_approvals import GATED, fresh_roots
-from tests.test_daemon_process import Service, wait_for
+from tests.test_daemon_process import Service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,18 +57,18 @@ def test_no_wait_then_kill_9_then_restart_then_approve_runs_nothing_twice(
 
     daemon = service.spawn()
     service.expect("READY=1")
-    wait_for(lambda: store.get_run(run.id).status is RunStatus.RUNNING)
+    until(lambda: store.get_run(run.id).status is RunStatus.RUNNING)
     assert store.get_run(run.id).pid == daemon.pid
     daemon.send_signal(signal.SIGKILL)
     daemon.wait(timeout=10)
 
     daemon = service.spawn()
     service.expect("READY=1")
-    wait_for(lambda: store.get_run(run.id).pid == daemon.pid)
+    until(lambda: store.get_run(run.id).pid == daemon.pid)
     assert store.list_approvals()[0].id == request.id, "the same request stays answerable"
     answered = cli(service, "approve", str(request.id), "--by", "alice")
     assert answered.returncode == 0, answered.stderr
-    wait_for(lambda: store.get_run(run.id).status is RunStatus.SUCCEEDED, timeout=30)
+    until(lambda: store.get_run(run.id).status is RunStatus.SUCCEEDED, timeout=30)
     for name in names:
         assert (fleet.root(name) / "count").read_text().splitlines() == ["ran"], name
         assert (fleet.root(name) / "after").exists()

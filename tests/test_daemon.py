@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from maintenancebot.scheduling import fire_times_between
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import FireRecord, RunRecord, RunStore
 from maintenancebot.testing.fleet import Fleet
+from tests.harness import until
 from tests.httpfakes import Reply, fake_server, slack_ok
 
 
@@ -119,13 +120,6 @@ def world(fleet: Fleet, tmp_path: Path, clock: FakeClock) -> Iterator[World]:
     for daemon in made.daemons:
         if daemon._store is not None:
             daemon.stop("test over")
-
-
-def until(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def utc(text: str) -> datetime:

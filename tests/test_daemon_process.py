@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import pytest
 from maintenancebot.states import RunStatus, StepStatus
 from maintenancebot.store import RunStore
 from maintenancebot.testing.fleet import Fleet
+from tests.harness import until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,11 +101,6 @@ def service(fleet: Fleet, tmp_path: Path) -> Iterator[Service]:
     made.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_sigterm_mid_run_finishes_the_step_records_interrupted_and_exits_0(
@@ -127,7 +123,7 @@ def test_sigterm_mid_run_finishes_the_step_records_interrupted_and_exits_0(
     daemon = service.spawn()
     ready = service.expect("READY=1")
     assert any(line.startswith("STATUS=1 runbook(s) scheduled") for line in ready.splitlines())
-    wait_for((root / "s1-started").exists)
+    until((root / "s1-started").exists)
     time.sleep(0.5)  # mid-step, with the watchdog pinging meanwhile
     assert service.stop(daemon) == 0, daemon.stderr.read() if daemon.stderr else ""
 
