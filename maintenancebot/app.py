@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from maintenancebot.approvals import ApprovalNotifier, Fanout, LogNotifier
+from maintenancebot.approvals import ApprovalNotifier, LogNotifier
 from maintenancebot.engine import Engine, RunOutcome
 from maintenancebot.errors import ConfigError, ConfigIssue, NotFound
 from maintenancebot.inventory import resolve_inventory
@@ -88,7 +88,7 @@ def execute(
         with host_leases(store, plan, run_id, dry_run=dry_run):
             outcome = engine.execute(
                 plan, run_id, dry_run=dry_run, started_by=started_by or current_user(),
-                wait=wait, notifier=approval_notifier(settings, redactor, approval_echo, store))
+                wait=wait, notifiers=approval_notifiers(settings, redactor, approval_echo, store))
         if outcome.status is not RunStatus.WAITING:
             report_run(settings, store, outcome.run_id, redactor, post=notify or not dry_run,
                        console=console)
@@ -116,7 +116,7 @@ def resume(settings: Settings, store: RunStore, plan: Plan, run: RunRecord,
             return None
         outcome = _engine(settings, store, observer).resume(
             plan, run, host_states(plan, run, store),
-            notifier=approval_notifier(settings, redactor, None, store))
+            notifiers=approval_notifiers(settings, redactor, None, store))
     finally:
         store.release_hosts(holder)
     if outcome.status is not RunStatus.WAITING:
@@ -129,16 +129,16 @@ def _engine(settings: Settings, store: RunStore, observer: Observer | None) -> E
                   action_state={"trash_retention": settings.trash_retention})
 
 
-def approval_notifier(settings: Settings, redactor: Callable[[str], str],
-                      echo: Callable[[str], None] | None,
-                      store: RunStore | None = None) -> ApprovalNotifier:
+def approval_notifiers(settings: Settings, redactor: Callable[[str], str],
+                       echo: Callable[[str], None] | None,
+                       store: RunStore | None = None) -> list[ApprovalNotifier]:
     """The log (or the CLI's terminal), and Slack when a bot token is configured."""
     notifiers: list[ApprovalNotifier] = [LogNotifier(echo)]
     if settings.slack is not None and os.environ.get(settings.slack.token_env):
         from maintenancebot.notify.slack_approvals import SlackApprovals
 
         notifiers.append(SlackApprovals.from_settings(settings, redactor, store=store))
-    return Fanout(notifiers)
+    return notifiers
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from maintenancebot.store import RunStore
 from maintenancebot.store_approvals import (
     APPROVED,
     CANCELLED,
+    DENIED,
     EXPIRED,
     SUPERSEDED,
     ApprovalRecord,
@@ -185,7 +186,7 @@ def describe_opened(request: ApprovalRecord) -> str:
 
 def describe_closed(request: ApprovalRecord) -> str:
     parts = [f"{h.host} {h.decision}" + (f" by {h.decided_by}" if h.decision in
-                                          (APPROVED, "denied") else "")
+                                          (APPROVED, DENIED) else "")
              for h in request.hosts]
     return f"approval {request.id} ({request.step_name}) answered: {'; '.join(parts)}"
 
@@ -232,7 +233,7 @@ class ApprovalDesk:
 
     def __init__(
         self, store: RunStore, control: RunControl, *, runbook: str, started_by: str | None,
-        notifier: ApprovalNotifier | None = None, wait: bool = True,
+        notifiers: Sequence[ApprovalNotifier] = (), wait: bool = True,
         gather: float = GATHER_SECONDS, poll: float = POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -240,7 +241,8 @@ class ApprovalDesk:
         self._control = control
         self._runbook = runbook
         self._started_by = started_by
-        self._notifier = notifier or LogNotifier()
+        # Behind a Fanout, which logs a failing notice: a notice never decides or breaks a gate.
+        self._notifier = Fanout(list(notifiers) or [LogNotifier()])
         self.wait = wait
         self._gather = gather
         self._poll = poll
@@ -275,7 +277,7 @@ class ApprovalDesk:
         known = self._store.approval_entry(self._control.run_id, parking.host, parking.index)
         if known is not None:
             record, entry = known
-            if entry.decision in (APPROVED,) and entry.digest == parking.digest:
+            if entry.decision == APPROVED and entry.digest == parking.digest:
                 return Decision(APPROVED, record.id, entry.decided_by, entry.reason)
             if entry.decision not in (None, APPROVED):
                 return Decision(entry.decision, record.id, entry.decided_by, entry.reason)
@@ -307,7 +309,7 @@ class ApprovalDesk:
                 self._cond.wait(timeout=max(0.05, min(self._poll, group.opens_at - self._clock())))
             else:
                 return group.request
-        self._notify("opened", opened)
+        self._notifier.opened(opened)
         return opened.id
 
     def _complete(self, group: _Group) -> bool:
@@ -341,7 +343,7 @@ class ApprovalDesk:
             entry = record.entry(parking.host)
             if entry.decision is not None:
                 if record.status == "closed" and self._store.claim_closed_notice(request):
-                    self._notify("closed", record)
+                    self._notifier.closed(record)
                 return Decision(entry.decision, request, entry.decided_by, entry.reason)
             halt = self._halted()
             if halt:
@@ -358,16 +360,10 @@ class ApprovalDesk:
                 continue
             if record.remind_at and now >= record.remind_at and \
                     self._store.claim_reminder(request):
-                self._notify("reminder", self._store.get_approval(request))
+                self._notifier.reminder(self._store.get_approval(request))
             with self._cond:
                 self._cond.wait(timeout=self._poll)
 
     def _halted(self) -> str | None:
         # Not the breaker's abort: that stops new hosts, while hosts already going finish.
         return self._control.halt_reason()
-
-    def _notify(self, what: str, record: ApprovalRecord) -> None:
-        try:
-            getattr(self._notifier, what)(record)
-        except Exception:  # a notice must never decide or break a gate
-            log.exception("approval notice %s for request %d failed", what, record.id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +23,7 @@ from maintenancebot.models import Host
 from maintenancebot.plan import Plan
 from maintenancebot.resume import HostResume
 from maintenancebot.runcontrol import Observer, RunControl
-from maintenancebot.states import HostStatus, RunStatus, StepStatus
+from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import RunRecord, RunStore
 from maintenancebot.transports.base import Command, TransportFactory
 
@@ -56,7 +56,7 @@ class Engine:
         self._action_state = action_state or {}
 
     def execute(self, plan: Plan, run_id: str, *, dry_run: bool, started_by: str,
-                wait: bool = True, notifier: ApprovalNotifier | None = None) -> RunOutcome:
+                wait: bool = True, notifiers: Sequence[ApprovalNotifier] = ()) -> RunOutcome:
         """Run (or dry-run) `plan`; every state change is in the store before the next action.
 
         `wait=False` (`run --no-wait`): once every host is finished or parked on an approval,
@@ -76,18 +76,18 @@ class Engine:
         control = self._control(plan, run_id, plan.runbook.timeout, dry_run)
         desk = None if dry_run else ApprovalDesk(
             self._store, control, runbook=plan.runbook.name, started_by=started_by,
-            notifier=notifier, wait=wait)
+            notifiers=notifiers, wait=wait)
         return self._drive(plan, run_id, dry_run, control, run_vars, desk, {})
 
     def resume(self, plan: Plan, run: RunRecord, hosts: Mapping[str, HostResume],
-               *, notifier: ApprovalNotifier | None = None) -> RunOutcome:
+               *, notifiers: Sequence[ApprovalNotifier] = ()) -> RunOutcome:
         """Go on with a run that waited on approvals with no process (DESIGN §5): hosts that
         finished stay finished, parked hosts go on from their parked step (completed steps are
         not re-run), hosts never started start. The run's deadline counts from its start."""
         elapsed = (datetime.now(UTC) - run.started_at).total_seconds()
         control = self._control(plan, run.id, max(1.0, plan.runbook.timeout - elapsed), False)
         desk = ApprovalDesk(self._store, control, runbook=plan.runbook.name,
-                            started_by=run.started_by, notifier=notifier)
+                            started_by=run.started_by, notifiers=notifiers)
         run_vars = {"id": run.id, "dry_run": False,
                     "started_at": run.started_at.isoformat(timespec="seconds")}
         return self._drive(plan, run.id, False, control, run_vars, desk, hosts)
@@ -141,15 +141,10 @@ class Engine:
                 return started(name, resume)
 
         def started(name: str, resume: HostResume | None) -> HostStatus:
-            refusal = control.start_refusal() if resume is None or resume.start == 0 \
-                else control.halt_reason()
+            # A parked host has started already: only a halt stops it, which its walk checks.
+            parked = resume is not None and resume.parked_row is not None
+            refusal = None if parked else control.start_refusal()
             if refusal:
-                if resume is not None and resume.parked_row is not None:
-                    self._store.settle_waiting_step(resume.parked_row, StepStatus.INTERRUPTED,
-                                                    refusal)
-                    self._store.set_host_status(run_id, name, HostStatus.INTERRUPTED, refusal)
-                    control.emit(name, None, HostStatus.INTERRUPTED)
-                    return HostStatus.INTERRUPTED
                 self._store.set_host_status(run_id, name, HostStatus.NOT_STARTED, refusal)
                 control.emit(name, None, HostStatus.NOT_STARTED)
                 return HostStatus.NOT_STARTED

@@ -27,6 +27,7 @@ from maintenancebot.models import Host, Settings
 from maintenancebot.plan import Plan, RunbookSource, build_plan, host_context
 from maintenancebot.states import TERMINAL_HOST, HostStatus, RunStatus, StepStatus
 from maintenancebot.store import HostRecord, RunRecord, RunStore, StepRecord
+from maintenancebot.store_approvals import CANCELLED
 from maintenancebot.templating import Registered
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def _give_up(store: RunStore, run: RunRecord, why: str) -> None:
     if not store.attach_run(run.id, "maintenancebot"):
         return
     for request in store.list_approvals(run_id=run.id):
-        store.close_entries(request.id, None, "cancelled", reason)
+        store.close_entries(request.id, None, CANCELLED, reason)
     for step in store.get_steps(run.id):
         if step.status is StepStatus.WAITING:
             store.settle_waiting_step(step.id, StepStatus.INTERRUPTED, reason)

@@ -90,8 +90,8 @@ def desk(tmp_path: Path) -> Iterator[Desk]:
 
 
 def notifier(desk: Desk, server: FakeServer, *, own_store: bool = True) -> SlackApprovals:
-    """`own_store=False` is how `app.approval_notifier` builds it: the notifier then saves the
-    message's place through its own connection to the state directory's store."""
+    """`own_store=False`: with no store given, the notifier saves the message's place through
+    its own connection to the state directory's store (`app.approval_notifiers` gives it one)."""
     settings = desk.settings.model_copy(update={"slack": SlackSettings(
         channel="C0MAINT", base_url=server.url + "api/")})
     return SlackApprovals.from_settings(settings, Redactor([PLANTED]),
