@@ -112,8 +112,10 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
 
     def close(self) -> None:
         with self._lock:
-            self._commits.close()
-            self._db.close()
+            try:
+                self._commits.close()
+            finally:
+                self._db.close()
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -131,9 +133,12 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write, committed and synced when the block is left (see store_commit)."""
-        with self._commits.write() as db:
+    def _tx(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic write, committed and synced when the block is left (see store_commit).
+
+        `wait=False` for a record that gates nothing on a host (an outcome, a status): the next
+        waiting write commits it first. Redact before entering: the block holds the store's lock."""
+        with self._commits.write(wait=wait) as db:
             yield db
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -248,10 +253,11 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
     def set_host_status(self, run_id: str, host: str, status: HostStatus,
                         error: str | None = None) -> None:
         now = utc_now()
-        with self._tx() as db:
+        error = self._text(error)
+        with self._tx(wait=status is HostStatus.WAITING) as db:
             if status is HostStatus.WAITING:
                 db.execute("UPDATE hosts SET status = ?, error = ? WHERE run_id = ? AND host = ?",
-                           (str(status), self._text(error), run_id, host))
+                           (str(status), error, run_id, host))
             elif status is HostStatus.RUNNING:
                 db.execute("UPDATE hosts SET status = ?, error = NULL, "
                            "started_at = COALESCE(started_at, ?) WHERE run_id = ? AND host = ?",
@@ -259,7 +265,7 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
             else:
                 db.execute("UPDATE hosts SET status = ?, error = ?, finished_at = ? "
                            "WHERE run_id = ? AND host = ?",
-                           (str(status), self._text(error), now, run_id, host))
+                           (str(status), error, now, run_id, host))
 
     def get_hosts(self, run_id: str) -> list[HostRecord]:
         rows = self._query("SELECT * FROM hosts WHERE run_id = ? ORDER BY position", (run_id,))
@@ -272,13 +278,13 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
 
     def step_started(self, run_id: str, host: str, idx: int, name: str, *, kind: str = "step",
                      command: str | None) -> int:
-        """Written before the step's command leaves for the host; returns the row id."""
+        """Written, and on disk, before the step's command leaves for the host; returns the row id."""
+        command = self._text(command)
         with self._tx() as db:
             cursor = db.execute(
                 "INSERT INTO steps (run_id, host, idx, name, kind, command, status, started_at)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, host, idx, name, kind, self._text(command), str(StepStatus.RUNNING),
-                 utc_now()))
+                (run_id, host, idx, name, kind, command, str(StepStatus.RUNNING), utc_now()))
             return int(cursor.lastrowid or 0)
 
     def step_finished(
@@ -286,13 +292,13 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
         changed: bool | None = None, stdout: str | None = None, stderr: str | None = None,
         error: str | None = None, details: dict[str, Any] | None = None,
     ) -> None:
-        with self._tx() as db:
+        values = (str(status), rc, None if changed is None else int(changed),
+                  self._text(stdout, tail=True), self._text(stderr, tail=True),
+                  self._text(error), self._json(details), utc_now(), step_id)
+        with self._tx(wait=False) as db:  # what already happened gates nothing
             db.execute(
                 "UPDATE steps SET status = ?, rc = ?, changed = ?, stdout_tail = ?,"
-                " stderr_tail = ?, error = ?, details = ?, finished_at = ? WHERE id = ?",
-                (str(status), rc, None if changed is None else int(changed),
-                 self._text(stdout, tail=True), self._text(stderr, tail=True),
-                 self._text(error), self._json(details), utc_now(), step_id))
+                " stderr_tail = ?, error = ?, details = ?, finished_at = ? WHERE id = ?", values)
 
     def record_step(
         self, run_id: str, host: str, idx: int, name: str, status: StepStatus, *,
@@ -301,13 +307,13 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
     ) -> int:
         """A step settled without running (skipped, would run, unknown, denied ...)."""
         now = utc_now()
-        finished = None if status is StepStatus.WAITING else now
-        with self._tx() as db:
+        waiting = status is StepStatus.WAITING
+        values = (run_id, host, idx, name, kind, self._text(command), str(status),
+                  self._text(reason), self._json(details), now, None if waiting else now)
+        with self._tx(wait=waiting) as db:  # only a parked step's record gates anything
             cursor = db.execute(
                 "INSERT INTO steps (run_id, host, idx, name, kind, command, status, error,"
-                " details, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, host, idx, name, kind, self._text(command), str(status),
-                 self._text(reason), self._json(details), now, finished))
+                " details, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)", values)
             return int(cursor.lastrowid or 0)
 
     def set_step_status(self, step_id: int, status: StepStatus) -> None:

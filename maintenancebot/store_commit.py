@@ -9,16 +9,25 @@ writers, and meanwhile the next batch gathers. A write still returns only once i
 and synced: the durability promise (a step is on disk before it runs) is the same as one COMMIT
 per write, across power loss too; only the fsyncs are shared.
 
+A write that gates nothing may leave without waiting (`wait=False`): the outcome of a step that
+already ran, say. Nothing is weaker for it: SQLite commits in order on this one connection, so
+the next write that does wait (the next step's start, the run's end) is on disk only once every
+earlier write is, and a crash can leave no state that a waited write could not have left. If
+such a batch fails to commit, the next write raises instead of building on the lost rows.
+
 Owns: BEGIN/SAVEPOINT/COMMIT on the store's connection, the flusher thread. Not here: what is
 written (that is `store`); it must not be used for reads, which take the store's lock directly.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 # A flusher with nothing to commit for this long exits; the next write starts another. An idle
 # daemon then holds no thread, and a store nobody closed leaks none.
@@ -30,11 +39,12 @@ class _Batch:
     `error`). An Event of its own, so waking a batch's writers never contends for the store's
     lock, which the next batch's writers and the flusher need."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "unawaited")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: sqlite3.Error | None = None
+        self.unawaited = False  # holds a write whose writer did not wait to hear of a failure
 
 
 class GroupCommit:
@@ -49,11 +59,15 @@ class GroupCommit:
         self._depth = 0  # nested write() calls of the thread holding the lock
         self._flusher: threading.Thread | None = None
         self._closed = False
+        self._lost: sqlite3.Error | None = None  # a failed batch that nobody waited for
+
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write: committed and synced when the `with` block is left normally."""
+    def write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic write: committed and synced when the `with` block is left normally, or,
+        with `wait=False`, committed by the flusher in order after it (see the module's doc)."""
         with self._lock:
+            self._raise_lost()
             if self._batch is None:
                 # IMMEDIATE: take SQLite's write lock now, so another process's writer waits
                 # (busy_timeout) instead of both deadlocking on an upgrade later.
@@ -73,6 +87,9 @@ class GroupCommit:
                 self._wake_flusher()
             if self._depth:  # an outer write() of this thread waits for the commit
                 return
+            if not wait:
+                batch.unawaited = True
+                return
         batch.done.wait()
         if batch.error is not None:
             raise type(batch.error)(*batch.error.args) from batch.error
@@ -83,6 +100,14 @@ class GroupCommit:
             self._closed = True
             self._commit()
             self._work.notify_all()
+            self._raise_lost()
+
+    def _raise_lost(self) -> None:
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            raise sqlite3.OperationalError(
+                f"an earlier write to the run store was lost (its commit failed: {lost}); the "
+                "record is incomplete") from lost
 
     # ------------------------------------------------------------------------------ flusher
 
@@ -122,4 +147,7 @@ class GroupCommit:
             batch.error = sqlite3.OperationalError(f"commit failed: {exc!r}")
             raise
         finally:  # whatever happened, no writer of this batch waits forever
+            if batch.error is not None and batch.unawaited:
+                self._lost = batch.error
+                log.error("the run store could not commit writes: %s", batch.error)
             batch.done.set()

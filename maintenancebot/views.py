@@ -6,6 +6,7 @@ the same run. Pure formatting: nothing here prints or reads the clock.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from rich.table import Table
@@ -28,13 +29,14 @@ STATUS_STYLE = {
 def run_document(store: RunStore, run_id: str) -> dict[str, Any]:
     """The JSON contract of DESIGN §8: run id, status, per host and per step the outcome."""
     run = store.get_run(run_id)
-    steps = store.get_steps(run.id)
+    steps_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for step in store.get_steps(run.id):
+        steps_of[step.host].append(_step_entry(step))
     hosts = []
     for host in store.get_hosts(run.id):
-        host_steps = [s for s in steps if s.host == host.host]
         entry: dict[str, Any] = {
             "host": host.host, "address": host.address, "status": str(host.status),
-            "error": host.error, "steps": [_step_entry(s) for s in host_steps],
+            "error": host.error, "steps": steps_of[host.host],
         }
         if run.dry_run:
             entry = {"label": DRY, **entry}

@@ -70,3 +70,47 @@ def test_the_flusher_thread_ends_when_the_store_is_closed(tmp_path: Path) -> Non
     while any(t.name == "store-commit" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the flusher outlived its store"
         time.sleep(0.01)
+
+
+def _parent_child(path: Path) -> tuple[sqlite3.Connection, GroupCommit]:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    # Deferred: SQLite checks it at COMMIT, so a commit can fail for real.
+    connection.execute("CREATE TABLE child (parent INTEGER REFERENCES parent(id) "
+                       "DEFERRABLE INITIALLY DEFERRED)")
+    return connection, GroupCommit(connection, threading.RLock())
+
+
+def test_a_write_that_does_not_wait_is_on_disk_once_a_later_waiting_write_returns(
+        tmp_path: Path) -> None:
+    connection, commits = _parent_child(tmp_path / "t.db")
+    reader = sqlite3.connect(tmp_path / "t.db")
+    for number in range(50):
+        with commits.write(wait=False) as db:
+            db.execute("INSERT INTO parent VALUES (?)", (2 * number,))
+        with commits.write() as db:
+            db.execute("INSERT INTO parent VALUES (?)", (2 * number + 1,))
+        seen = {x for (x,) in reader.execute("SELECT id FROM parent")}
+        assert {2 * number, 2 * number + 1} <= seen, f"round {number}: only {sorted(seen)[-3:]}"
+    commits.close()
+    connection.close()
+
+
+def test_a_lost_write_that_nobody_waited_for_fails_the_next_write(tmp_path: Path) -> None:
+    connection, commits = _parent_child(tmp_path / "t.db")
+    with commits.write(wait=False) as db:
+        db.execute("INSERT INTO child VALUES (42)")  # no parent 42: the COMMIT will fail
+    deadline = time.monotonic() + 5
+    while commits._batch is not None:  # the flusher takes the batch within milliseconds
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with (pytest.raises(sqlite3.OperationalError, match="lost.*FOREIGN KEY"),
+          commits.write() as db):
+        db.execute("INSERT INTO parent VALUES (1)")
+    with commits.write() as db:  # said once; the store goes on
+        db.execute("INSERT INTO parent VALUES (2)")
+    commits.close()
+    rows = sqlite3.connect(tmp_path / "t.db").execute("SELECT * FROM child").fetchall()
+    assert rows == []
+    connection.close()

@@ -9,6 +9,7 @@ read ~/.ssh on its own, or decide anything about what a command means: a non-zer
 
 from __future__ import annotations
 
+import functools
 import getpass
 import logging
 import re
@@ -175,7 +176,8 @@ class SshTransport:
             )
         path = Path(configured).expanduser()
         try:
-            return paramiko.PKey.from_path(path)
+            stat = path.stat()
+            return _load_key(path, stat.st_mtime_ns, stat.st_size)
         except paramiko.PasswordRequiredException as exc:
             raise ConnectError(
                 f"identity file {path} is passphrase-protected; load it into ssh-agent and set "
@@ -277,6 +279,13 @@ class SshTransport:
             except _LINK_ERRORS as exc:
                 raise TransportError(f"{self.host.name}: cannot start SFTP: {exc}") from exc
         return self._sftp
+
+
+@functools.lru_cache(maxsize=16)
+def _load_key(path: Path, mtime_ns: int, size: int) -> paramiko.PKey:
+    """Parsed once per key file and version, not once per host: a 500-host run shares one key.
+    Keyed by mtime and size, so a rotated key is read again."""
+    return paramiko.PKey.from_path(path)
 
 
 # ------------------------------------------------------------------------------- host keys
