@@ -76,9 +76,10 @@ class LineProgress:
 
     def __call__(self, event: Event) -> None:
         if event.step is None and event.status not in (HostStatus.RUNNING, HostStatus.PENDING):
+            # Plain text to a pipe: rich's rendering would cost a millisecond a line.
             with self._lock:
-                self._console.print(f"{self._prefix}host {event.host}: {event.status}",
-                                    markup=False, highlight=False)
+                self._console.file.write(f"{self._prefix}host {event.host}: {event.status}\n")
+                self._console.file.flush()
 
     def __enter__(self) -> Self:
         return self

@@ -94,6 +94,9 @@ def test_piped_dry_run_output_is_plain_and_every_line_says_dry_run(cli: Cli) -> 
     lines = result.stdout.splitlines()
     assert lines and all(line.startswith("DRY RUN") for line in lines)
     assert "\x1b[" not in result.stdout
+    # Progress goes to stderr, a plain line per finished host.
+    assert f"DRY RUN host {cli.fleet.names[0]}: succeeded\n" in result.stderr
+    assert "\x1b[" not in result.stderr
 
 
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:

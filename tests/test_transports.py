@@ -275,6 +275,34 @@ def test_changed_host_key_is_rejected_as_possible_attack(fleet: Fleet) -> None:
         SshTransport(fleet.host(name), fleet.wrong_key_settings(name)).connect()
 
 
+@pytest.mark.parametrize("form", ["hashed", "wildcard", "name list", "negated", "mixed case"])
+def test_known_hosts_lines_match_as_in_openssh(fleet: Fleet, tmp_path: Path, form: str) -> None:
+    """Each way OpenSSH lets a known_hosts line name a host; a negated name never matches."""
+    import paramiko  # only to hash a name the way `ssh-keygen -H` does
+
+    name = fleet.names[0]
+    host = fleet.host(name)
+    entry = f"[{host.address}]:{host.port}"
+    key = next(line.split(None, 1)[1] for line in fleet.known_hosts.read_text().splitlines()
+               if line.startswith(entry + " "))
+    patterns = {
+        "hashed": paramiko.HostKeys.hash_host(entry),
+        "wildcard": f"[{host.address.rsplit('.', 1)[0]}.*]:{host.port}",
+        "name list": f"other.example,{entry},[127.0.0.250]:22",
+        "negated": f"[127.0.0.*]:*,!{entry}",
+        "mixed case": f"OTHER.example,{entry.upper()}",
+    }[form]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"# a comment\n@revoked * {key}\n{patterns} {key}\n")
+    settings = fleet.ssh_settings.model_copy(update={"known_hosts": str(known_hosts)})
+    if form == "negated":
+        with pytest.raises(HostKeyError, match="is not in"):
+            SshTransport(host, settings).connect()
+        return
+    with SshTransport(host, settings) as ssh:
+        assert ssh.run(Command("echo matched")).stdout == "matched\n"
+
+
 def test_no_known_hosts_file_means_no_connection(fleet: Fleet) -> None:
     settings = SshSettings(identity_file=str(fleet.client_key))
     with pytest.raises(HostKeyError, match="no known_hosts file is configured"):

@@ -316,20 +316,43 @@ def _known_hosts_name(host: Host) -> str:
 def _add_known_keys(keys: paramiko.HostKeys, path: Path, name: str) -> None:
     """Load only `name`'s lines: parsing every key of a 500-host file costs 30 ms per connect."""
     try:
-        lines = path.read_text().splitlines()
+        stat = path.stat()
+        index = _known_hosts_index(path, stat.st_mtime_ns, stat.st_size)
     except OSError as exc:
         raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror}") from exc
-    for number, line in enumerate(lines, 1):
-        fields = line.split()
-        # @cert-authority / @revoked lines are skipped: paramiko cannot honour them.
-        if len(fields) < 3 or fields[0].startswith(("#", "@")) or not _matches(fields[0], name):
-            continue
+    plain, patterned = index
+    candidates = plain.get(name.lower(), []) + [
+        (number, line) for number, line in patterned if _matches(line.split()[0], name)]
+    for number, line in sorted(candidates):
         try:
             entry = HostKeyEntry.from_line(line, number)
         except (InvalidHostKey, paramiko.SSHException, ValueError) as exc:
             raise HostKeyError(f"{path}:{number}: unreadable host key: {exc}") from exc
         if entry is not None:
             keys.add(name, entry.key.get_name(), entry.key)
+
+
+_Lines = list[tuple[int, str]]
+
+
+@functools.lru_cache(maxsize=4)
+def _known_hosts_index(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, _Lines], _Lines]:
+    """known_hosts read once per version of the file, not once per host (a 500-host run would
+    scan 500 lines 500 times): lines by plain host name, and the lines that need matching
+    (hashed names, wildcards, negations). @cert-authority / @revoked lines are skipped:
+    paramiko cannot honour them."""
+    plain: dict[str, _Lines] = {}
+    patterned: _Lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if len(fields) < 3 or fields[0].startswith(("#", "@")):
+            continue
+        if any(mark in fields[0] for mark in "|*?!"):
+            patterned.append((number, line))
+            continue
+        for pattern in dict.fromkeys(fields[0].lower().split(",")):
+            plain.setdefault(pattern, []).append((number, line))
+    return plain, patterned
 
 
 def _matches(patterns: str, name: str) -> bool:
@@ -343,7 +366,7 @@ def _matches(patterns: str, name: str) -> bool:
         elif "*" in pattern or "?" in pattern:
             regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
             hit = re.fullmatch(regex, name, re.IGNORECASE) is not None
-        else:  # a plain name, as on most lines: every connect scans the whole file
+        else:
             hit = pattern.lower() == name.lower()
         if hit and negated:
             return False
