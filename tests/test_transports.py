@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -301,6 +302,19 @@ def test_known_hosts_lines_match_as_in_openssh(fleet: Fleet, tmp_path: Path, for
         return
     with SshTransport(host, settings) as ssh:
         assert ssh.run(Command("echo matched")).stdout == "matched\n"
+
+
+@pytest.mark.parametrize("server_ciphers", [None, "aes256-ctr,aes128-cbc"])
+def test_an_aead_cipher_is_chosen_where_offered_and_others_still_connect(
+        tmp_path: Path, server_ciphers: str | None) -> None:
+    options = ["LogLevel DEBUG1"] + ([f"Ciphers {server_ciphers}"] if server_ciphers else [])
+    with Fleet(tmp_path, 1, sshd_options=options) as own:
+        name = own.names[0]
+        with SshTransport(own.host(name), own.ssh_settings) as ssh:
+            assert ssh.run(Command("echo up")).stdout == "up\n"
+        chosen = re.search(r"kex: client->server cipher: (\S+)", own.sshd_log(name))
+    assert chosen is not None
+    assert chosen.group(1) == ("aes128-gcm@openssh.com" if server_ciphers is None else "aes256-ctr")
 
 
 def test_no_known_hosts_file_means_no_connection(fleet: Fleet) -> None:

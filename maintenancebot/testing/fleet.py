@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ class Fleet:
         user: str | None = None,
         sshd: str = SSHD,
         connect_timeout: float = 5.0,
+        sshd_options: Sequence[str] = (),
     ) -> None:
         if count < 1:
             raise ValueError("a fleet needs at least one host")
@@ -78,6 +80,7 @@ class Fleet:
         self.names = [f"{prefix}-{i + 1:0{width}d}" for i in range(count)]
         self._half = max(1, count // 2)
         self._extra_options: list[str] = []
+        self._sshd_options = list(sshd_options)  # first in the file: sshd keeps a keyword's first value
         self._nodes = {name: self._node(i, name) for i, name in enumerate(self.names)}
         # The running sshd of each host; shared with the finalizer, so every sshd dies with the
         # interpreter even when nobody calls stop().
@@ -277,6 +280,7 @@ class Fleet:
 
     def _sshd_config(self, node: _Node) -> str:
         options = [
+            *self._sshd_options,
             f"Port {node.port}",
             f"ListenAddress {node.address}",
             f'HostKey "{node.home / "host_ed25519"}"',

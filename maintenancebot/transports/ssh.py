@@ -42,6 +42,10 @@ _LINK_ERRORS = (paramiko.SSHException, OSError, EOFError)
 # What paramiko says when the server stays silent: the banner timer or the negotiation timer
 # ("No existing session") fires first, whichever wins the race.
 _HANDSHAKE_TIMEOUT = re.compile("protocol banner|No existing session")
+# AEAD first: its tag is checked inside OpenSSL, where paramiko checks an HMAC in Python, byte by
+# byte (about a fifth of the controller's CPU per command). Every OpenSSH since 6.2 offers it;
+# paramiko's usual order follows for any server that does not.
+_PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _ERRNO_REASONS = {
     ECONNREFUSED: "connection refused (is sshd listening on that port?)",
     EHOSTUNREACH: "no route to host",
@@ -132,6 +136,7 @@ class SshTransport:
                 hostname=host.address, port=host.port, username=_user(host), pkey=pkey,
                 sock=sock, timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                 channel_timeout=timeout, allow_agent=self._ssh.use_agent, look_for_keys=False,
+                transport_factory=_transport,
             )
         except BaseException as exc:
             client.close()
@@ -279,6 +284,14 @@ class SshTransport:
             except _LINK_ERRORS as exc:
                 raise TransportError(f"{self.host.name}: cannot start SFTP: {exc}") from exc
         return self._sftp
+
+
+def _transport(sock: socket.socket | paramiko.Channel, **options: object) -> paramiko.Transport:
+    transport = paramiko.Transport(sock, **options)
+    security = transport.get_security_options()
+    security.ciphers = _PREFERRED_CIPHERS + tuple(
+        cipher for cipher in security.ciphers if cipher not in _PREFERRED_CIPHERS)
+    return transport
 
 
 @functools.lru_cache(maxsize=16)
