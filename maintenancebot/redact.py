@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -58,30 +59,97 @@ def _keep_quotes(match: re.Match[str]) -> str:
     return f"{match.group(1)}{quote_char}{REDACTED}{quote_char}"
 
 
-# (pattern, replacement), applied in order after private key blocks (see `_mask_key_blocks`).
-_PATTERNS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"\b(https?://hooks\.slack\.com/)[^\s\"'<>]+"), r"\1[REDACTED]"),
-    (re.compile(r"\b([a-z][a-z0-9+.-]{0,30}://[^\s:/@\"'<>]{1,256}):[^\s@/\"'<>]{1,256}@",
-                re.IGNORECASE), r"\1:[REDACTED]@"),
-    (re.compile(r"\b(authorization[ \t]*[:=][ \t]*[\"']?)(bearer|basic|token|bot|digest)[ \t]+"
-                r"[^\s\"',]+", re.IGNORECASE), r"\1\2 [REDACTED]"),
-    (re.compile(r"\b(bearer)[ \t]+[A-Za-z0-9._~+/-]{8,}=*", re.IGNORECASE), r"\1 [REDACTED]"),
-    (re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b"),
-     "[REDACTED:aws-key-id]"),
-    (re.compile(r"\b(aws_secret_access_key[ \t]*[\"']?[ \t]*[:=][ \t]*[\"']?)[A-Za-z0-9/+=]{40}",
-                re.IGNORECASE), r"\1[REDACTED]"),
-    (re.compile(r"\bxox[abprseo]-[A-Za-z0-9-]{8,}"), "[REDACTED:slack-token]"),
-    (re.compile(r"\bxapp-[A-Za-z0-9-]{8,}"), "[REDACTED:slack-token]"),
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"), "[REDACTED:jwt]"),
-    (re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), "[REDACTED:api-key]"),
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), "[REDACTED:github-token]"),
+@dataclass(frozen=True)
+class _Rule:
+    """A secret shape, and the literal needles without which its pattern cannot match.
+
+    Almost no output holds a secret, and a substring search is far cheaper than a regex pass, so a
+    pattern runs only when every group in `needles` has one member in the text. `folded` rules
+    ignore case: their lowercase needles are looked for in the lowercased text.
+    """
+
+    pattern: re.Pattern[str]
+    replacement: str | Callable[[re.Match[str]], str]
+    needles: tuple[tuple[str, ...], ...]
+    folded: bool
+
+    def may_match(self, text: str) -> bool:
+        for group in self.needles:
+            for needle in group:
+                if needle in text:
+                    break
+            else:
+                return False
+        return True
+
+
+def _rule(pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], str],
+          *needles: str | tuple[str, ...]) -> _Rule:
+    """Each of `needles` is a needle or a tuple of alternatives; the text must hold all of them."""
+    groups = tuple((group,) if isinstance(group, str) else group for group in needles)
+    cased = any(needle.lower() != needle.upper() for group in groups for needle in group)
+    return _Rule(pattern, replacement, groups, bool(pattern.flags & re.IGNORECASE) and cased)
+
+
+# One of these is in every match of `_KEY`: `pass` covers password, passwd and passphrase, and
+# `secret` covers client_secret.
+_KEYWORD_NEEDLES = ("pass", "pwd", "token", "secret", "credential",
+                    *(f"{word}{sep}key" for word in ("api", "access", "private")
+                      for sep in ("", "_", "-")))
+_AWS_KEY_PREFIXES = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA")
+
+# Applied in order after private key blocks (see `_mask_key_blocks`). A one-character group goes
+# first where a rule has one: it is found with memchr and spares most text the longer searches.
+_RULES: tuple[_Rule, ...] = (
+    _rule(re.compile(r"\b(https?://hooks\.slack\.com/)[^\s\"'<>]+"), r"\1[REDACTED]",
+          "://hooks.slack.com/"),
+    _rule(re.compile(r"\b([a-z][a-z0-9+.-]{0,30}://[^\s:/@\"'<>]{1,256}):[^\s@/\"'<>]{1,256}@",
+                     re.IGNORECASE), r"\1:[REDACTED]@", "@", "://"),
+    _rule(re.compile(r"\b(authorization[ \t]*[:=][ \t]*[\"']?)(bearer|basic|token|bot|digest)"
+                     r"[ \t]+[^\s\"',]+", re.IGNORECASE), r"\1\2 [REDACTED]", "authorization"),
+    _rule(re.compile(r"\b(bearer)[ \t]+[A-Za-z0-9._~+/-]{8,}=*", re.IGNORECASE), r"\1 [REDACTED]",
+          "bearer"),
+    _rule(re.compile(rf"\b(?:{'|'.join(_AWS_KEY_PREFIXES)})[A-Z0-9]{{16}}\b"),
+          "[REDACTED:aws-key-id]", "A", _AWS_KEY_PREFIXES),
+    _rule(re.compile(r"\b(aws_secret_access_key[ \t]*[\"']?[ \t]*[:=][ \t]*[\"']?)"
+                     r"[A-Za-z0-9/+=]{40}", re.IGNORECASE), r"\1[REDACTED]",
+          "aws_secret_access_key"),
+    _rule(re.compile(r"\bxox[abprseo]-[A-Za-z0-9-]{8,}"), "[REDACTED:slack-token]", "xox"),
+    _rule(re.compile(r"\bxapp-[A-Za-z0-9-]{8,}"), "[REDACTED:slack-token]", "xapp-"),
+    _rule(re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"),
+          "[REDACTED:jwt]", "eyJ"),
+    _rule(re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), "[REDACTED:api-key]", "sk-"),
+    _rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), "[REDACTED:github-token]",
+          "_", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
     # `--password x` / `--token=x` on a command line.
-    (re.compile(rf"(?<![\w-])(--?{_KEY}(?:[ \t]+|=))(?!\[REDACTED)({_VALUE})", re.IGNORECASE),
-     _keep_quotes),
+    _rule(re.compile(rf"(?<![\w-])(--?{_KEY}(?:[ \t]+|=))(?!\[REDACTED)({_VALUE})", re.IGNORECASE),
+          _keep_quotes, "-", _KEYWORD_NEEDLES),
     # `password=x`, `DB_PASSWORD: x`, `"api_key": "x"`; not `/etc/passwd:` (a path, not a key).
-    (re.compile(rf"(?<![\w/.-])({_KEY}[\"']?[ \t]*[:=][ \t]*)(?!\[REDACTED)({_VALUE})",
-                re.IGNORECASE), _keep_quotes),
-]
+    _rule(re.compile(rf"(?<![\w/.-])({_KEY}[\"']?[ \t]*[:=][ \t]*)(?!\[REDACTED)({_VALUE})",
+                     re.IGNORECASE), _keep_quotes, (":", "="), _KEYWORD_NEEDLES),
+)
+
+
+def _apply_rules(text: str) -> str:
+    folded = _fold(text)
+    for rule in _RULES:
+        haystack = folded if rule.folded else text
+        if haystack is not None and not rule.may_match(haystack):
+            continue
+        masked = rule.pattern.sub(rule.replacement, text)
+        if masked is not text:
+            # Later rules look for their needles in what they will actually be applied to.
+            text, folded = masked, _fold(masked)
+    return text
+
+
+def _fold(text: str) -> str | None:
+    """The text to look for lowercase needles in; None when only the patterns themselves can tell.
+
+    Ignoring case, re matches `ı` and `İ` to `i`, `ſ` to `s` and the Kelvin sign to `k`, which
+    `str.lower` does not do; ASCII text has no such letters.
+    """
+    return text.lower() if text.isascii() else None
 
 
 def _mask_key_blocks(text: str) -> str:
@@ -122,10 +190,7 @@ class Redactor:
             return text
         if self._known is not None:
             text = self._known.sub(REDACTED, text)
-        text = _mask_key_blocks(text)
-        for pattern, replacement in _PATTERNS:
-            text = pattern.sub(replacement, text)
-        return text
+        return _apply_rules(_mask_key_blocks(text))
 
     def redact_obj(self, obj: Any) -> Any:
         """A copy of nested dicts/lists with every string redacted and secret-keyed values masked."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from maintenancebot import redact
 from maintenancebot.models import LlmSettings, Settings, SlackSettings
 from maintenancebot.redact import (
     REDACTED,
@@ -44,7 +46,7 @@ def test_each_line_of_a_multiline_secret_file_is_known() -> None:
     assert Redactor([secret])("tail: second-line-of-secret") == f"tail: {REDACTED}"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
+SECRET_SHAPES = [
     ("mysql://app:pa55w0rd@db.internal:3306/app", "mysql://app:[REDACTED]@db.internal:3306/app"),
     ("Authorization: Bearer abc.def.ghi-123456", "Authorization: Bearer [REDACTED]"),
     ("curl -H 'Authorization: Basic dXNlcjpwYXNz'", "curl -H 'Authorization: Basic [REDACTED]'"),
@@ -64,14 +66,20 @@ def test_each_line_of_a_multiline_secret_file_is_known() -> None:
     ("pg_dump --password s3cr3t-flag --token=t0k3n", "pg_dump --password [REDACTED] --token=[REDACTED]"),
     ("hook https://hooks.slack.com/services/T000/B000/XXXXXXXXXX",
      "hook https://hooks.slack.com/[REDACTED]"),
-])
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SECRET_SHAPES)
 def test_common_secret_shapes_are_masked_and_keys_kept(text: str, expected: str) -> None:
     assert Redactor()(text) == expected
 
 
-def test_private_key_blocks_are_masked_whole_even_when_cut_by_a_tail() -> None:
-    block = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAA\n"
+KEY_BLOCK = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAA\n"
              "AAAAABAAAAMwAAAAtzc2gtZWQyNTUxOQAAACD\n-----END OPENSSH PRIVATE KEY-----")
+
+
+def test_private_key_blocks_are_masked_whole_even_when_cut_by_a_tail() -> None:
+    block = KEY_BLOCK
     redact = Redactor()
     assert redact(f"before\n{block}\nafter") == "before\n[REDACTED:private-key]\nafter"
     head_only = block.split("AAAAAB")[0]
@@ -149,14 +157,117 @@ def test_a_value_on_the_next_line_is_not_taken_for_the_secret() -> None:
     assert Redactor()("token:\nRestart nginx") == "token:\nRestart nginx"
 
 
-@pytest.mark.parametrize("text", [
+HOSTILE_OUTPUTS = [
     "-" * 100_000 + "password" * 2000,
     "password" * 20_000 + "=x",
     "a." * 100_000,
     base64.encodebytes(bytes(range(256)) * 800).decode() + "-----END RSA PRIVATE KEY-----",
     "-----BEGIN RSA PRIVATE KEY-----" + "A" * 200_000,
-], ids=["dashes", "keywords", "dots", "base64-blob", "unterminated-key"])
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_OUTPUTS,
+                         ids=["dashes", "keywords", "dots", "base64-blob", "unterminated-key"])
 def test_hostile_output_is_redacted_in_linear_time(text: str) -> None:
     started = time.perf_counter()
     Redactor(["some-secret-value"])(text)
     assert time.perf_counter() - started < 1.0
+
+
+# ------------------------------------------------------------------------------ needle shortcut
+
+DF_OUTPUT = ("Filesystem     1024-blocks     Used Available Capacity Mounted on\n"
+             "/dev/sda1         41152736 18329412  20710580      47% /\n")
+UPTIME_OUTPUT = " 14:02:11 up 37 days,  3:14,  2 users,  load average: 0.08, 0.12, 0.09\n"
+FIND_OUTPUT = "".join(f"/var/log/nginx/site-{i}/error.log.{i % 7}.gz\n" for i in range(40))
+
+
+def redact_with_every_pattern(text: str) -> str:
+    """The pipeline without the needle shortcut: every pattern runs over every text."""
+    if not text:
+        return text
+    text = redact._mask_key_blocks(text)
+    for rule in redact._RULES:
+        text = rule.pattern.sub(rule.replacement, text)
+    return text
+
+
+# Ignoring case, re matches these to an ASCII letter; `str.lower` does not.
+CASE_LOOKALIKES = [("i", "ı"), ("i", "İ"), ("I", "İ"), ("s", "ſ"), ("S", "ſ"), ("k", "K"),
+                   ("K", "K")]
+FRAGMENTS = [
+    "password", "PassWord", "passwd", "pwd", "passphrase", "token", "secret", "client_secret",
+    "api_key", "api-key", "APIKEY", "access_key", "private-key", "credentials", "db_", "my.",
+    "/etc/passwd", "=", ":", ": ", " = ", " ", "\t", "\n", "\r", "'", '"', ",", ";", "&", ")", "]",
+    "-", "--", "--token ", "-p=", "[REDACTED", "[REDACTED]", "[REDACTED:api-key]", "Bearer ",
+    "bearer\t", "Authorization: ", "authorization=", "Basic ", "bot ", "https://u:p@h/", "://",
+    "@", "https", "ftp", "hooks.slack.com/", "https://hooks.slack.com/", "AKIA", "ASIA", "AIPA",
+    "IOSFODNN7EXAMPLE", "ABCDEFGHIJKLMNOP", "aws_secret_access_key",
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "xox", "xoxb-", "b-", "xapp-", "eyJ", "eyJhbGci",
+    ".", "sk-", "gh", "ghp_", "p_", "_", "0123456789", "12345678", "abcdefghijklmnopqrstuvwxyz",
+    "A", "s3cr3t", "-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----",
+    "ı", "İ", "ſ", "K", "é", "→", "ß", "ﬀ", "😀",
+]
+
+
+def generated_secret_shapes() -> list[str]:
+    """One of each spelling the patterns accept, written out from the regexes, not the needles."""
+    keywords = ["password", "passwd", "pwd", "passphrase", "token", "secret", "credential",
+                "credentials", "clientsecret", "client_secret", "client-secret",
+                *(f"{word}{sep}key" for word in ("api", "access", "private") for sep in "_-"),
+                "apikey", "accesskey", "privatekey"]
+    shapes = [f"{lead}{keyword}{sep}value9" for keyword in keywords
+              for lead in ("-", "--", "", "db_") for sep in (" ", "=", ": ")]
+    shapes += [f"{prefix}IOSFODNN7EXAMPLE" for prefix in
+               ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA")]
+    shapes += [f"gh{kind}_{'a1' * 16}" for kind in "pousr"]
+    shapes += [f"xox{kind}-1234-abcd" for kind in "abprseo"] + ["xapp-1-A0123-456"]
+    shapes += [f"{scheme}://hooks.slack.com/services/T0/B0/x" for scheme in ("http", "https")]
+    shapes += [f"{scheme}://user:pw@host/" for scheme in ("http", "ftp", "git+ssh", "s3")]
+    shapes += [f"authorization{sep}{kind} abc" for sep in (": ", "=", ":'")
+               for kind in ("bearer", "basic", "token", "bot", "digest")]
+    shapes += ["bearer abcdefgh12", "aws_secret_access_key: " + "a" * 40, "eyJabcd.efgh.ijklmnop",
+               "sk-" + "a" * 20]
+    return shapes
+
+
+def equivalence_corpus() -> list[str]:
+    base = generated_secret_shapes() + [text for text, _ in SECRET_SHAPES] + [
+        KEY_BLOCK, KEY_BLOCK.split("AAAAAB")[0], "\n".join(KEY_BLOCK.splitlines()[2:]),
+        "cat: /etc/passwd: No such file or directory; 3 files moved, 12 MiB freed",
+        "token:\nRestart nginx", f"password={DB_PASSWORD} Authorization: Bearer abcdefgh12345",
+        "header Authorization: Bearer abcdefgh12345678", f"bad dsn postgres://u:{DB_PASSWORD}@db/x",
+        "dsn=x", "token is file-held-token-123", DF_OUTPUT, UPTIME_OUTPUT, FIND_OUTPUT,
+        "sk-abcdefghijklmnopqrstuvwxyz=secret: x",
+    ]
+    embedded = [f"{before}{text}{after}" for text in base
+                for before, after in [("noise ", " noise"), ("x", "y"), ("\n", "\n"), ("=", "=")]]
+    cased = [case(text) for text in base for case in (str.upper, str.swapcase, str.title)]
+    lookalikes = [text.replace(ascii_letter, other, count)
+                  for text in base + cased for ascii_letter, other in CASE_LOOKALIKES
+                  for count in (1, -1)]
+    non_ascii = [f"é {text}" for text in base + cased]
+    rng = random.Random(20240501)
+    tokens = FRAGMENTS + [needle for rule in redact._RULES for group in rule.needles
+                          for needle in group]
+    randoms = ["".join(rng.choices(tokens, k=rng.randint(1, 12))) for _ in range(4000)]
+    corpus = base + HOSTILE_OUTPUTS + embedded + cased + lookalikes + non_ascii + randoms
+    return list(dict.fromkeys(corpus))
+
+
+def test_skipping_patterns_by_needle_changes_no_output() -> None:
+    corpus = equivalence_corpus()
+    # The corpus must exercise every pattern, on ASCII and on non-ASCII text, or it proves nothing.
+    for rule in redact._RULES:
+        assert any(rule.pattern.search(text) and text.isascii() for text in corpus), rule
+        assert any(rule.pattern.search(text) and not text.isascii() for text in corpus), rule
+    redactor = Redactor()
+    assert [text for text in corpus if redactor(text) != redact_with_every_pattern(text)] == []
+
+
+def test_ordinary_output_skips_every_pattern_and_comes_back_unchanged() -> None:
+    redactor = Redactor([DB_PASSWORD])
+    for text in (DF_OUTPUT, UPTIME_OUTPUT, FIND_OUTPUT, "df -P /", "find: '/proc/1': Permission"):
+        assert not any(rule.may_match(text.lower() if rule.folded else text)
+                       for rule in redact._RULES), text
+        assert redactor(text) == text
