@@ -125,6 +125,9 @@ def test_env_values_arrive_verbatim(transport: Transport) -> None:
 
 def test_death_by_signal_reports_128_plus_the_signal(transport: Transport) -> None:
     assert transport.run(Command("kill -KILL $$")).rc == 137
+    # Under the host's `timeout` too, and not mistaken for a timeout.
+    assert transport.run(Command("kill -TERM $$", timeout=30)).rc == 143
+    assert transport.run(Command("kill -KILL $$", timeout=30)).rc == 137
 
 
 def test_timeout_kills_the_command_and_everything_it_started(transport: Transport) -> None:
@@ -315,6 +318,16 @@ def test_an_aead_cipher_is_chosen_where_offered_and_others_still_connect(
         chosen = re.search(r"kex: client->server cipher: (\S+)", own.sshd_log(name))
     assert chosen is not None
     assert chosen.group(1) == ("aes128-gcm@openssh.com" if server_ciphers is None else "aes256-ctr")
+
+
+def test_a_step_costs_no_shell_of_its_own_on_the_host(fleet: Fleet) -> None:
+    """The login shell execs the wrapper: the step's shell is the child of `timeout`, whose
+    parent is sshd itself."""
+    parents = ('p=$PPID; for _ in 1 2; do cat /proc/$p/comm; '
+               'p=$(awk \'/^PPid:/ {print $2}\' /proc/$p/status); done')
+    with SshTransport(fleet.host(fleet.names[0]), fleet.ssh_settings) as ssh:
+        assert ssh.run(Command(parents, timeout=30)).stdout.split() == ["timeout", "sshd"]
+        assert ssh.run(Command(parents)).stdout.split()[0] == "sshd"
 
 
 def test_no_known_hosts_file_means_no_connection(fleet: Fleet) -> None:
