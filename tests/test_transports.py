@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,7 +28,13 @@ from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory, load_settings
 from maintenancebot.models import Host, SshSettings
 from maintenancebot.testing.fleet import Fleet, FleetError
-from maintenancebot.transports.base import KILL_GRACE, Command, Transport, controller_deadline
+from maintenancebot.transports.base import (
+    KILL_GRACE,
+    Command,
+    Transport,
+    controller_deadline,
+    wrap_script,
+)
 from maintenancebot.transports.local import LocalTransport
 from maintenancebot.transports.ssh import SshTransport
 
@@ -121,6 +128,38 @@ def test_env_values_arrive_verbatim(transport: Transport) -> None:
     value = "it's \"quoted\" $HOME `id` ; rm -rf /nothing"
     result = transport.run(Command('printf %s "$GREETING"', env={"GREETING": value}))
     assert result.stdout == value
+
+
+@pytest.mark.parametrize("script", [
+    "uname -s", "id -u", "ls -d / /nonexistent", "df -P --output=target /", "env",
+    "printenv HOME",
+    "no-such-program-here --flag", "/etc/hostname", "dd if=/dev/null of=/dev/null count=0",
+])
+def test_a_plain_command_runs_as_it_would_through_sh(transport: Transport, script: str) -> None:
+    # A trailing newline makes the same script not plain: the reference run goes through sh.
+    direct = transport.run(Command(script, timeout=30))
+    through_sh = transport.run(Command(script + "\n", timeout=30))
+    # sorted: sh passes the environment on in another order (`env`, `printenv`)
+    assert (direct.rc, sorted(direct.stdout.splitlines())) == \
+        (through_sh.rc, sorted(through_sh.stdout.splitlines()))
+    assert bool(direct.stderr) == bool(through_sh.stderr)
+
+
+@pytest.mark.parametrize(("script", "plain"), [
+    ("uptime", True), ("systemctl restart nginx.service", True), ("df -P /", True),
+    ("dd if=/dev/zero of=/tmp/x count=1", True), ("git -C /srv/app pull", True),
+    ("test -d /srv", False), ("echo -e hi", False), ("cd /tmp", False), ("exit 3", False),
+    ("true", False), ("FOO=1 env", False), ("-v", False), ("ls ~", False), ("ls *.log", False),
+    ("echo $HOME", False), ("a | b", False), ("a; b", False), ("a && b", False),
+    ("a > f", False), ("a 'b c'", False), ("a\nb", False), ("uptime\n", False),
+    ("ls\t-l", False), ("cat `x`", False), ("ls {a,b}", False), ("ls #x", False),
+    ("if", False), ("! x", False), ("ls [ab]", False), ("x &", False), ("ls %1", False),
+])
+def test_only_a_plain_command_skips_the_shell(script: str, plain: bool) -> None:
+    line = wrap_script(Command(script, timeout=5))
+    assert ("sh -c" not in line) == plain, line
+    if plain:
+        assert shlex.split(line) == ["timeout", "-k", str(KILL_GRACE), "5", *script.split()]
 
 
 def test_death_by_signal_reports_128_plus_the_signal(transport: Transport) -> None:

@@ -8,6 +8,7 @@ transport alone decides how to wrap it (sudo, remote timeout) and quotes with `s
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,11 +65,12 @@ class Transport(Protocol):
 def wrap_script(command: Command) -> str:
     """The one shell line a transport executes for `command`.
 
-    `timeout` runs the script in its own process group and kills that whole group (TERM, then
-    KILL), so a hung step cannot survive its deadline even though no pty is allocated. `sudo -n`
-    fails at once instead of prompting for a password that nobody will type.
+    `timeout` runs the script (through `sh -c`, or itself for a plain command: `_plain_command`)
+    in its own process group and kills that whole group (TERM, then KILL), so a hung step cannot
+    survive its deadline even though no pty is allocated. `sudo -n` fails at once instead of
+    prompting for a password that nobody will type.
     """
-    argv = ["sh", "-c", command.script]
+    argv = _plain_command(command.script) or ["sh", "-c", command.script]
     if command.env:
         argv = ["env", *(f"{key}={value}" for key, value in sorted(command.env.items())), *argv]
     if command.timeout:
@@ -77,6 +79,31 @@ def wrap_script(command: Command) -> str:
     if command.sudo:
         argv = ["sudo", "-n", "--", *argv]
     return shlex.join(argv)
+
+
+# A script that is one simple command with nothing for a shell to expand or interpret (no quotes,
+# variables, globs, redirections, operators, assignments) and that names a program, not a shell
+# builtin or keyword, means exactly "exec this program with these words", which `timeout`, `env`
+# or `sudo` do themselves: the host then starts one process fewer for the step (`uptime`,
+# `systemctl restart nginx`). Anything else runs through `sh -c` as written.
+_PLAIN = re.compile(r"[\w./,:+@-]+(?: +[\w./,:+@=-]+)*", re.ASCII)
+_SHELL_WORDS = frozenset((
+    ".", ":", "alias", "bg", "break", "builtin", "case", "cd", "chdir", "command", "continue",
+    "declare", "do", "done", "echo", "elif", "else", "esac", "eval", "exec", "exit", "export",
+    "false", "fc", "fg", "fi", "for", "function", "getopts", "hash", "if", "in", "jobs", "kill",
+    "let", "local", "printf", "pwd", "read", "readonly", "return", "select", "set", "shift",
+    "source", "test", "then", "time", "times", "trap", "true", "type", "typeset", "ulimit",
+    "umask", "unalias", "unset", "until", "wait", "while",
+))
+
+
+def _plain_command(script: str) -> list[str] | None:
+    if not _PLAIN.fullmatch(script):
+        return None
+    words = script.split()
+    if words[0] in _SHELL_WORDS or words[0].startswith("-"):
+        return None
+    return words
 
 
 def controller_deadline(command: Command) -> float | None:
