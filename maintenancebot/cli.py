@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -31,8 +31,10 @@ from maintenancebot.errors import (
     SelectionError,
     TemplateError,
 )
-from maintenancebot.models import Settings
 from maintenancebot.states import RunStatus
+
+if TYPE_CHECKING:  # pydantic and the models load with the config, not for `--help`
+    from maintenancebot.models import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ABORTED, EXIT_WAITING = 0, 1, 2, 3, 4
 _RUN_EXIT = {RunStatus.SUCCEEDED: EXIT_OK, RunStatus.FAILED: EXIT_FAILED,

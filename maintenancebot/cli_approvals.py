@@ -13,10 +13,9 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
 from maintenancebot.cli import (
     EXIT_FAILED,
@@ -28,7 +27,11 @@ from maintenancebot.cli import (
     out,
     pass_state,
 )
-from maintenancebot.store_approvals import ApprovalRecord
+
+if TYPE_CHECKING:  # registering these commands must not load the store or rich's tables
+    from rich.table import Table
+
+    from maintenancebot.store_approvals import ApprovalRecord
 
 
 @cli.command()
@@ -158,6 +161,8 @@ def request_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def _table(docs: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(title="Approval requests", show_lines=True)
     for column in ("ID", "Run / step", "Hosts: command", "Because", "Deadline"):
         table.add_column(column, overflow="fold")

@@ -15,10 +15,12 @@ from pathlib import Path
 import click
 
 from maintenancebot.cli import _clean_errors, _State, cli, pass_state
-from maintenancebot.models import parse_duration
 
 
 def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    # local: importing every command module must not load pydantic (models) for other commands
+    from maintenancebot.models import parse_duration
+
     try:
         return parse_duration(value)
     except ValueError as exc:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
-from maintenancebot.actions.backup_check import human_size
 from maintenancebot.cli import EXIT_FAILED, EXIT_OK, _clean_errors, _State, cli, out, pass_state
-from maintenancebot.models import parse_duration
+
+# Imports are local to the commands below, so that registering `trash` on `cli` costs every other
+# command (a `run` above all) nothing: not the actions, not pydantic, not rich's tables.
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 @cli.group()
@@ -38,6 +40,7 @@ def list_(state: _State, run_id: str | None, host: str | None, limit: int, as_js
 
     Steps are numbered from 1 as in `show`; --json gives the 0-based `step_index`."""
     from maintenancebot import app
+    from maintenancebot.actions.backup_check import human_size
     from maintenancebot.trash import list_entries
 
     with app.open_store(state.settings) as store:
@@ -56,6 +59,10 @@ def list_(state: _State, run_id: str | None, host: str | None, limit: int, as_js
 
 
 def _table(entries: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    from maintenancebot.actions.backup_check import human_size
+
     table = Table("run", "host", "step", "files", "size", "state", "trash dir", title="trash")
     for e in entries:
         table.add_row(e["run_id"], e["host"], f"{e['step_index'] + 1} {e['step_name']}",
@@ -94,6 +101,7 @@ def purge(state: _State, older_than: str | None, dry_run: bool, by: str | None,
           as_json: bool) -> None:
     """Delete for good the trash older than the retention; nothing else is touched."""
     from maintenancebot import app
+    from maintenancebot.models import parse_duration
     from maintenancebot.trash import purge as purge_trash
 
     try:

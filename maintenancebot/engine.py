@@ -14,18 +14,20 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maintenancebot.approvals import ApprovalDesk, ApprovalNotifier
 from maintenancebot.errors import MaintenanceBotError
 from maintenancebot.hostrun import HostRun
 from maintenancebot.models import Host
 from maintenancebot.plan import Plan
-from maintenancebot.resume import HostResume
 from maintenancebot.runcontrol import Observer, RunControl
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import RunRecord, RunStore
 from maintenancebot.transports.base import Command, TransportFactory
+
+if TYPE_CHECKING:  # `resume` loads when a waiting run is resumed, not for every run
+    from maintenancebot.resume import HostResume
 
 log = logging.getLogger(__name__)
 

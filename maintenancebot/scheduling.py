@@ -16,7 +16,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from apscheduler.executors.base import BaseExecutor  # type: ignore[import-untyped]
-from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 
 log = logging.getLogger(__name__)
@@ -168,6 +167,12 @@ class CronScheduler:
     """A real APScheduler BackgroundScheduler with one cron job per scheduled runbook."""
 
     def __init__(self, on_fire: FireCallback) -> None:
+        # local: the scheduler machinery (multiprocessing, executor pools) is the daemon's alone;
+        # a `run` or `validate` of a scheduled runbook only needs the cron trigger above
+        from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
+            BackgroundScheduler,
+        )
+
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self._scheduler.add_executor(_FireExecutor(on_fire), alias="fire")
         self._lock = threading.Lock()
