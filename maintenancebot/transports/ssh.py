@@ -17,6 +17,7 @@ import secrets
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,10 @@ from errno import ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
+
+# paramiko imports `invoke` (and with it unittest.mock and asyncio: ~50 ms of every start) only
+# for `Match exec` lines of an ssh_config, and treats it as optional. We never read ssh_config.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 import paramiko  # type: ignore[import-untyped,unused-ignore]
 from paramiko.common import MSG_CHANNEL_REQUEST  # type: ignore[import-untyped,unused-ignore]
