@@ -97,10 +97,16 @@ def test_a_write_that_does_not_wait_is_on_disk_once_a_later_waiting_write_return
     connection.close()
 
 
-def test_a_lost_write_that_nobody_waited_for_fails_the_next_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("one_statement", [False, True])
+def test_a_lost_write_that_nobody_waited_for_fails_the_next_write(
+        tmp_path: Path, one_statement: bool) -> None:
     connection, commits = _parent_child(tmp_path / "t.db")
-    with commits.write(wait=False) as db:
-        db.execute("INSERT INTO child VALUES (42)")  # no parent 42: the COMMIT will fail
+    orphan = "INSERT INTO child VALUES (42)"  # no parent 42: the COMMIT will fail
+    if one_statement:
+        commits.execute(orphan, wait=False)
+    else:
+        with commits.write(wait=False) as db:
+            db.execute(orphan)
     deadline = time.monotonic() + 5
     while commits._batch is not None:  # the flusher takes the batch within milliseconds
         assert time.monotonic() < deadline
@@ -114,3 +120,18 @@ def test_a_lost_write_that_nobody_waited_for_fails_the_next_write(tmp_path: Path
     rows = sqlite3.connect(tmp_path / "t.db").execute("SELECT * FROM child").fetchall()
     assert rows == []
     connection.close()
+
+
+def test_a_failing_statement_undoes_only_itself(tmp_path: Path) -> None:
+    connection = sqlite3.connect(tmp_path / "t.db", isolation_level=None,
+                                 check_same_thread=False)
+    connection.execute("CREATE TABLE t (x INTEGER UNIQUE)")
+    commits = GroupCommit(connection, threading.RLock())
+    with commits.write() as db:  # one transaction around the statements below
+        assert commits.execute("INSERT INTO t VALUES (1)") == 1
+        with pytest.raises(sqlite3.IntegrityError):
+            commits.execute("INSERT INTO t VALUES (1)")
+        db.execute("INSERT INTO t VALUES (3)")
+    commits.close()
+    other = sqlite3.connect(tmp_path / "t.db")
+    assert sorted(x for (x,) in other.execute("SELECT x FROM t")) == [1, 3]
