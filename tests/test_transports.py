@@ -134,6 +134,7 @@ def test_env_values_arrive_verbatim(transport: Transport) -> None:
     "uname -s", "id -u", "ls -d / /nonexistent", "df -P --output=target /", "env",
     "printenv HOME",
     "no-such-program-here --flag", "/etc/hostname", "dd if=/dev/null of=/dev/null count=0",
+    "/bin/echo 'a  b' \"c *\" -n='x y'z ''", "find /etc -maxdepth 0 -name 'e*'",
 ])
 def test_a_plain_command_runs_as_it_would_through_sh(transport: Transport, script: str) -> None:
     # A trailing newline makes the same script not plain: the reference run goes through sh.
@@ -151,15 +152,18 @@ def test_a_plain_command_runs_as_it_would_through_sh(transport: Transport, scrip
     ("test -d /srv", False), ("echo -e hi", False), ("cd /tmp", False), ("exit 3", False),
     ("true", False), ("FOO=1 env", False), ("-v", False), ("ls ~", False), ("ls *.log", False),
     ("echo $HOME", False), ("a | b", False), ("a; b", False), ("a && b", False),
-    ("a > f", False), ("a 'b c'", False), ("a\nb", False), ("uptime\n", False),
+    ("a > f", False), ("a 'b c'", True), ("a\nb", False), ("uptime\n", False),
     ("ls\t-l", False), ("cat `x`", False), ("ls {a,b}", False), ("ls #x", False),
     ("if", False), ("! x", False), ("ls [ab]", False), ("x &", False), ("ls %1", False),
+    ("find /var/log -name '*.log' -mtime +7", True), ('grep -c "a b" /etc/hosts', True),
+    ('echo "$HOME"', False), ('ls "$(x)"', False), ('ls "`x`"', False), ('ls "a\\b"', False),
+    ("'uptime'", False), ("ls 'a\nb'", False), ("ls 'a", False), ('ls "a', False),
 ])
 def test_only_a_plain_command_skips_the_shell(script: str, plain: bool) -> None:
     line = wrap_script(Command(script, timeout=5))
     assert ("sh -c" not in line) == plain, line
     if plain:
-        assert shlex.split(line) == ["timeout", "-k", str(KILL_GRACE), "5", *script.split()]
+        assert shlex.split(line) == ["timeout", "-k", str(KILL_GRACE), "5", *shlex.split(script)]
 
 
 def test_death_by_signal_reports_128_plus_the_signal(transport: Transport) -> None:

@@ -81,12 +81,14 @@ def wrap_script(command: Command) -> str:
     return shlex.join(argv)
 
 
-# A script that is one simple command with nothing for a shell to expand or interpret (no quotes,
-# variables, globs, redirections, operators, assignments) and that names a program, not a shell
-# builtin or keyword, means exactly "exec this program with these words", which `timeout`, `env`
-# or `sudo` do themselves: the host then starts one process fewer for the step (`uptime`,
-# `systemctl restart nginx`). Anything else runs through `sh -c` as written.
-_PLAIN = re.compile(r"[\w./,:+@-]+(?: +[\w./,:+@=-]+)*", re.ASCII)
+# A script that is one simple command with nothing for a shell to expand or interpret (no
+# variables, globs, redirections, operators, assignments, escapes; quotes only around literal
+# text) and that names a program, not a shell builtin or keyword, means exactly "exec this program
+# with these words", which `timeout`, `env` or `sudo` do themselves: the host then starts one
+# process fewer for the step (`uptime`, `find /var/log -name '*.log' -mtime +7`). Anything else
+# runs through `sh -c` as written.
+_PLAIN_PART = r"""(?:[\w./,:+@=-]|'[^'\n]*'|"[^"$`\\\n]*")"""
+_PLAIN = re.compile(rf"[\w./,:+@-]+(?: +{_PLAIN_PART}+)*", re.ASCII)
 _SHELL_WORDS = frozenset((
     ".", ":", "alias", "bg", "break", "builtin", "case", "cd", "chdir", "command", "continue",
     "declare", "do", "done", "echo", "elif", "else", "esac", "eval", "exec", "exit", "export",
@@ -100,7 +102,7 @@ _SHELL_WORDS = frozenset((
 def _plain_command(script: str) -> list[str] | None:
     if not _PLAIN.fullmatch(script):
         return None
-    words = script.split()
+    words = shlex.split(script)  # POSIX quote removal, as sh does it for such words
     if words[0] in _SHELL_WORDS or words[0].startswith("-"):
         return None
     return words
