@@ -138,13 +138,13 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
 
         `wait=False` for a record that gates nothing on a host (an outcome, a status): the next
         waiting write commits it first. Redact before entering: the block holds the store's lock.
-        A write of one statement takes `self._commits.execute`, a third of the calls into SQLite."""
+        A write of one statement takes `self._commits.execute`: queued, it waits for no lock."""
         with self._commits.write(wait=wait) as db:
             yield db
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        with self._commits.read() as db:
+            return db.execute(sql, params).fetchall()
 
     def _text(self, value: str | None, tail: bool = False) -> str | None:
         if value is None:

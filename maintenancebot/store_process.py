@@ -153,8 +153,8 @@ class ProcessTables(StorePlumbing):
 
     def busy_hosts(self, hosts: Sequence[str]) -> dict[str, str]:
         """Which of `hosts` another live run holds now, and who (a look; takes nothing)."""
-        with self._lock:
-            return self._busy(self._db, hosts, socket.gethostname(), reclaim=False)
+        with self._commits.read() as db:
+            return self._busy(db, hosts, socket.gethostname(), reclaim=False)
 
     def _busy(self, db: sqlite3.Connection, hosts: Sequence[str], me: str, *,
               reclaim: bool) -> dict[str, str]:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import sqlite3
     import threading
 
+    from maintenancebot.store_commit import GroupCommit
+
 
 def new_run_id(now: datetime | None = None) -> str:
     """Sortable by start time, readable in a Slack thread, unique: `20261123-031500-ab12cd`."""
@@ -150,6 +152,7 @@ class StorePlumbing:
         _redact: Callable[[str], str]
         _lock: threading.RLock
         _db: sqlite3.Connection
+        _commits: GroupCommit
 
         def _tx(self) -> AbstractContextManager[sqlite3.Connection]: ...
         def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]: ...
