@@ -50,6 +50,22 @@ def test_five_steps_run_on_every_host_in_parallel(bench: Bench) -> None:
         assert (bench.fleet.root(name) / "mark").read_text().strip() == name
 
 
+def test_each_step_is_on_disk_as_running_before_its_command_runs(bench: Bench) -> None:
+    """The command asks the store from another process, which sees only committed rows."""
+    look = bench.tmp / "look.py"
+    look.write_text("import sqlite3, sys\n"
+                    "print(*sqlite3.connect(sys.argv[1]).execute('SELECT status FROM steps "
+                    "WHERE host = ? AND name = ?', sys.argv[2:]).fetchone())\n")
+    command = f"python3 {look} {bench.tmp / 'state' / 'maintenancebot.db'} {{{{ host.name }}}}"
+    outcome = bench.run("steps:\n" + "".join(
+        f"  - name: {name}\n    run: '{command} {name}'\n" for name in ("first", "second", "third")))
+    assert outcome.status is RunStatus.SUCCEEDED
+    with bench.store() as store:
+        for name in bench.fleet.names:
+            assert [s.stdout_tail for s in store.get_steps(outcome.run_id, name)] == \
+                ["running\n"] * 3
+
+
 def test_one_connection_per_host_serves_every_step(bench: Bench) -> None:
     before = {name: bench.fleet.logins(name) for name in bench.fleet.names}
     outcome = bench.run("""
