@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,10 +168,11 @@ class HostRun:
         self, transport: Transport, index: int, step: Step, command: str, args: Any,
         context: dict[str, Any], row: int | None = None,
     ) -> StepOutcome:
-        if row is None:
-            row = self.store.step_started(self.run_id, self.host.name, index, step.name,
-                                          command=command)
-        outcome = self._execute(transport, index, step, command, args)
+        recorded = (self.store.step_starting(self.run_id, self.host.name, index, step.name,
+                                             command=command)
+                    if row is None else _recorded_already(row))
+        outcome = self._execute(transport, index, step, command, args, recorded)
+        row = recorded()  # on disk already, unless the step failed before it could start
         self.store.step_finished(
             row, outcome.status, rc=outcome.rc, changed=outcome.changed, stdout=outcome.stdout,
             stderr=outcome.stderr, error=outcome.error, details=outcome.details,
@@ -182,14 +184,19 @@ class HostRun:
         return outcome
 
     def _execute(
-        self, transport: Transport, index: int, step: Step, command: str, args: Any
+        self, transport: Transport, index: int, step: Step, command: str, args: Any,
+        recorded: Callable[[], int],
     ) -> StepOutcome:
+        """Runs the step once `recorded` says its row is on disk: an action at once, a command
+        once its channel is open (the fsync and the round trip overlap)."""
         started = time.monotonic()
         try:
             if step.action is not None:
+                recorded()
                 return self._apply_action(transport, index, step, args)
             result = transport.run(Command(
-                script=command, sudo=self._sudo(step), timeout=self.control.bound(step.timeout)))
+                script=command, sudo=self._sudo(step), timeout=self.control.bound(step.timeout)),
+                before_start=recorded)
         except CommandTimeout as exc:
             return StepOutcome(StepStatus.TIMED_OUT, stdout=exc.stdout, stderr=exc.stderr,
                                error=f"killed after {time.monotonic() - started:.1f}s: {exc}")
@@ -354,11 +361,11 @@ class HostRun:
             except TemplateError as exc:
                 self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=str(exc)))
                 return StepStatus.ROLLBACK_FAILED
-            row = self.store.step_started(self.run_id, self.host.name, done.index, step.name,
-                                          kind="rollback", command=command)
+            recorded = self.store.step_starting(self.run_id, self.host.name, done.index,
+                                                step.name, kind="rollback", command=command)
             outcome = self._execute(transport, done.index, step.model_copy(
-                update={"run": command, "action": None}), command, None)
-            self._finish(row, outcome)
+                update={"run": command, "action": None}), command, None, recorded)
+            self._finish(recorded(), outcome)
         else:
             action = get_action(step.action or "")
             assert action is not None and done.report is not None
@@ -486,3 +493,7 @@ def _action_changed_something(done: Completed) -> bool:
     if action is None or action.readonly:
         return False
     return done.report is None or done.report.changed
+
+
+def _recorded_already(row: int) -> Callable[[], int]:  # a parked step's row: on disk already
+    return lambda: row

@@ -281,11 +281,18 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
     def step_started(self, run_id: str, host: str, idx: int, name: str, *, kind: str = "step",
                      command: str | None) -> int:
         """Written, and on disk, before the step's command leaves for the host; returns the row id."""
-        return self._commits.execute(
+        return self.step_starting(run_id, host, idx, name, kind=kind, command=command)()
+
+    def step_starting(self, run_id: str, host: str, idx: int, name: str, *, kind: str = "step",
+                      command: str | None) -> Callable[[], int]:
+        """`step_started` in two halves: the row is queued now, and the callable returned waits
+        until it is on disk and gives its id. Nothing of the step may happen on the host before
+        the callable has returned; preparing may (opening the SSH channel overlaps the fsync)."""
+        return self._commits.submit(
             "INSERT INTO steps (run_id, host, idx, name, kind, command, status, started_at)"
             " VALUES (?,?,?,?,?,?,?,?)",
             (run_id, host, idx, name, kind, self._text(command), str(StepStatus.RUNNING),
-             utc_now()))
+             utc_now())).result
 
     def step_finished(
         self, step_id: int, status: StepStatus, *, rc: int | None = None,

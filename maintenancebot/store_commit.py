@@ -55,6 +55,14 @@ class _Statement:
         self.error: sqlite3.Error | None = None
         self.done = threading.Event() if wait else None
 
+    def result(self) -> int:
+        """Wait until the statement is committed and synced; the id of the row it inserted."""
+        assert self.done is not None, "nobody waits for this statement"
+        self.done.wait()
+        if self.error is not None:
+            raise type(self.error)(*self.error.args) from self.error
+        return self.row
+
 
 class _Batch:
     """The writes of one transaction: `done` is set once its COMMIT returned (or failed:
@@ -90,19 +98,27 @@ class GroupCommit:
         """A write of one statement (SQLite undoes a failed statement by itself): queued for the
         flusher, committed and synced when this returns, or, with `wait=False`, soon after in
         order. Returns the id of the row it inserted, if any (else 0)."""
+        if wait or self._owner == threading.get_ident():
+            return self.submit(sql, params).result()
+        self._queue_statement(_Statement(sql, params, wait=False))
+        return 0
+
+    def submit(self, sql: str, params: Sequence[Any] = ()) -> _Statement:
+        """`execute` in two halves: queued now, waited for with `.result()` later, so that the
+        caller can do what needs no durability in between (open an SSH channel, say)."""
+        statement = _Statement(sql, params, wait=True)
         if self._owner == threading.get_ident():  # inside this thread's own write(): part of it
-            return self._db.execute(sql, params).lastrowid or 0
+            statement.row = self._db.execute(sql, params).lastrowid or 0
+            statement.done.set()  # type: ignore[union-attr]  # the outer write() commits it
+            return statement
+        self._queue_statement(statement)
+        return statement
+
+    def _queue_statement(self, statement: _Statement) -> None:
         if self._closed:
             raise sqlite3.ProgrammingError("the run store is closed")
-        statement = _Statement(sql, params, wait)
         self._queue.append(statement)
         self._wake()
-        if statement.done is None:
-            return 0
-        statement.done.wait()
-        if statement.error is not None:
-            raise type(statement.error)(*statement.error.args) from statement.error
-        return statement.row
 
     @contextmanager
     def write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:

@@ -166,6 +166,31 @@ def test_only_a_plain_command_skips_the_shell(script: str, plain: bool) -> None:
         assert shlex.split(line) == ["timeout", "-k", str(KILL_GRACE), "5", *shlex.split(script)]
 
 
+def test_a_command_starts_only_once_before_start_has_returned(
+        transport: Transport, tmp_path: Path) -> None:
+    ran, never = tmp_path / "ran", tmp_path / "never"
+    seen: list[bool] = []
+
+    def before() -> None:  # as the engine waits here for the step's record to reach the disk
+        time.sleep(0.3)
+        seen.append(ran.exists())
+
+    transport.run(Command(f"touch {ran}"), before_start=before)
+    assert seen == [False] and ran.exists()
+
+    class Refused(Exception):
+        pass
+
+    def refuse() -> None:
+        raise Refused
+
+    with pytest.raises(Refused):
+        transport.run(Command(f"touch {never}"), before_start=refuse)
+    time.sleep(0.3)
+    assert not never.exists()
+    assert transport.run(Command("echo still usable")).stdout == "still usable\n"
+
+
 def test_death_by_signal_reports_128_plus_the_signal(transport: Transport) -> None:
     assert transport.run(Command("kill -KILL $$")).rc == 137
     # Under the host's `timeout` too, and not mistaken for a timeout.

@@ -48,9 +48,13 @@ class Transport(Protocol):
     def connect(self) -> None:
         """Open the connection (raises ConnectError / HostKeyError). Idempotent."""
 
-    def run(self, command: Command) -> CommandResult:
+    def run(self, command: Command, *, before_start: Callable[[], object] | None = None
+            ) -> CommandResult:
         """Run to completion; a non-zero rc is a result, not an error. Raises CommandTimeout
-        (the command was killed, whole process group) or TransportError (connection lost)."""
+        (the command was killed, whole process group) or TransportError (connection lost).
+        `before_start` is called once everything is ready and the command about to start; the
+        command does not start unless it returns (it waits for the step's record to be on disk,
+        while the channel opens)."""
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Write `data` to `path` on the host (as the login user)."""

@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -46,7 +47,10 @@ class LocalTransport:
     def close(self) -> None:
         """Nothing to release."""
 
-    def run(self, command: Command) -> CommandResult:
+    def run(self, command: Command, *, before_start: Callable[[], object] | None = None
+            ) -> CommandResult:
+        if before_start is not None:
+            before_start()
         started = time.monotonic()
         try:
             # A new session, so the controller deadline can kill everything the command started.

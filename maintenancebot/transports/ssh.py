@@ -204,7 +204,8 @@ class SshTransport:
 
     # ----------------------------------------------------------------------------- commands
 
-    def run(self, command: Command) -> CommandResult:
+    def run(self, command: Command, *, before_start: Callable[[], object] | None = None
+            ) -> CommandResult:
         client = self._client()
         started = time.monotonic()
         limit = controller_deadline(command)
@@ -212,6 +213,8 @@ class SshTransport:
         channel: paramiko.Channel | None = None
         try:
             channel = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+            if before_start is not None:
+                before_start()
             channel.exec_command(_remote_line(command))
             _feed_stdin(channel, command.stdin)
             out, err, done = _collect(channel, deadline)
