@@ -138,7 +138,7 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
 
         `wait=False` for a record that gates nothing on a host (an outcome, a status): the next
         waiting write commits it first. Redact before entering: the block holds the store's lock.
-        A write of one statement takes `self._commits.execute`: queued, it waits for no lock."""
+        A write of one statement takes `self._commits.execute`, a third of the calls into SQLite."""
         with self._commits.write(wait=wait) as db:
             yield db
 
