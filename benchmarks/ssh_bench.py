@@ -283,22 +283,26 @@ def bench(fleet: Fleet, n: int, repeat: int, wanted: set[str], base: Path) -> di
 
 
 def report(n: int, samples: dict[str, list[Sample]]) -> list[str]:
-    floor = statistics.median(s.wall for s in samples["floor (raw paramiko)"])
+    floor_runs = samples["floor (raw paramiko)"]
+    floor = statistics.median(s.wall for s in floor_runs)
     title = (f"\n{n} hosts, {len(next(iter(samples.values())))} runs each (wall and CPU in "
              "seconds; CPU = the tool's own processes; machine = all cores busy, sshd hosts "
-             "included)")
+             "included; paired = median of each round's ratio to that round's floor, which a "
+             "machine drifting over the invocation moves less)")
     header = (f"{'tool':<24}{'wall min':>9}{'median':>8}{'max':>8}{'cpu min':>9}{'median':>8}"
-              f"{'max':>8}{'machine':>9}{'× floor':>9}{'ms/host':>9}{'cpu ms/host':>12}")
+              f"{'max':>8}{'machine':>9}{'× floor':>9}{'paired':>8}{'ms/host':>9}"
+              f"{'cpu ms/host':>12}")
     lines = [title, header]
     for name, runs in samples.items():
         walls = [s.wall for s in runs]
         cpus = [s.cpu for s in runs]
         wall = statistics.median(walls)
         cpu = statistics.median(cpus)
+        paired = statistics.median(s.wall / f.wall for s, f in zip(runs, floor_runs, strict=True))
         lines.append(
             f"{name:<24}{min(walls):>9.2f}{wall:>8.2f}{max(walls):>8.2f}{min(cpus):>9.2f}"
             f"{cpu:>8.2f}{max(cpus):>8.2f}{statistics.median(s.machine for s in runs):>9.2f}"
-            f"{wall / floor:>9.2f}{1000 * wall / n:>9.1f}{1000 * cpu / n:>12.1f}")
+            f"{wall / floor:>9.2f}{paired:>8.2f}{1000 * wall / n:>9.1f}{1000 * cpu / n:>12.1f}")
     return lines
 
 
