@@ -1,9 +1,10 @@
 """The SSH transport: one verified, key-authenticated paramiko connection per host, reused.
 
 Owns everything paramiko: connecting (optionally through jump hosts), host key verification
-against a known_hosts file, running commands on session channels, SFTP, and translating every
-paramiko and socket exception into our `TransportError` tree (`raise ... from exc`). It is the only
-module that imports paramiko. It must not accept an unknown or changed host key, try passwords,
+against a known_hosts file (the file's reading and matching: `ssh_hostkeys`), running commands
+on session channels, SFTP, and translating every paramiko and socket exception into our
+`TransportError` tree (`raise ... from exc`). It and `ssh_hostkeys` are the only modules that
+import paramiko. It must not accept an unknown or changed host key, try passwords,
 read ~/.ssh on its own, or decide anything about what a command means: a non-zero rc is a result.
 """
 
@@ -32,11 +33,11 @@ sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 import paramiko  # type: ignore[import-untyped,unused-ignore]
 from paramiko.common import MSG_CHANNEL_REQUEST  # type: ignore[import-untyped,unused-ignore]
-from paramiko.hostkeys import HostKeyEntry, InvalidHostKey  # type: ignore[import-untyped,unused-ignore]
 
 from maintenancebot.errors import CommandTimeout, ConnectError, HostKeyError, TransportError
 from maintenancebot.models import Host, SshSettings
 from maintenancebot.transports.base import Command, CommandResult, controller_deadline, wrap_script
+from maintenancebot.transports.ssh_hostkeys import verifying_client
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,7 @@ class SshTransport:
         hops.append(self._handshake(client, host, sock, pkey))
 
     def _new_client(self, host: Host) -> paramiko.SSHClient:
-        """A client that knows only `host`'s keys from known_hosts and rejects anything else."""
-        known_hosts = self._known_hosts_file(host)
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(_RejectUnknownKey(known_hosts, host))
-        _add_known_keys(client.get_host_keys(), known_hosts, _known_hosts_name(host))
-        return client
+        return verifying_client(host, self._known_hosts_file(host))
 
     def _dial(self, host: Host) -> socket.socket:
         timeout = self._ssh.connect_timeout
@@ -337,92 +333,6 @@ def _load_key(path: Path, mtime_ns: int, size: int) -> paramiko.PKey:
     """Parsed once per key file and version, not once per host: a 500-host run shares one key.
     Keyed by mtime and size, so a rotated key is read again."""
     return paramiko.PKey.from_path(path)
-
-
-# ------------------------------------------------------------------------------- host keys
-
-
-class _RejectUnknownKey(paramiko.RejectPolicy):  # type: ignore[misc,unused-ignore]
-    """paramiko's RejectPolicy, raising our error with the fix in the message."""
-
-    def __init__(self, known_hosts: Path, host: Host) -> None:
-        self._known_hosts = known_hosts
-        self._host = host
-
-    def missing_host_key(self, client: object, hostname: str, key: paramiko.PKey) -> None:
-        host = self._host
-        port = "" if host.port == 22 else f"-p {host.port} "
-        raise HostKeyError(
-            f"host key of {host.address}:{host.port} is not in {self._known_hosts} (it offered "
-            f"{key.get_name()} {key.fingerprint}); verify it and add it with "
-            f"ssh-keyscan {port}{host.address} >> {self._known_hosts}"
-        )
-
-
-def _known_hosts_name(host: Host) -> str:
-    """The name OpenSSH (and paramiko) look up: `addr`, or `[addr]:port` off port 22."""
-    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
-
-
-def _add_known_keys(keys: paramiko.HostKeys, path: Path, name: str) -> None:
-    """Load only `name`'s lines: parsing every key of a 500-host file costs 30 ms per connect."""
-    try:
-        stat = path.stat()
-        index = _known_hosts_index(path, stat.st_mtime_ns, stat.st_size)
-    except OSError as exc:
-        raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror}") from exc
-    plain, patterned = index
-    candidates = plain.get(name.lower(), []) + [
-        (number, line) for number, line in patterned if _matches(line.split()[0], name)]
-    for number, line in sorted(candidates):
-        try:
-            entry = HostKeyEntry.from_line(line, number)
-        except (InvalidHostKey, paramiko.SSHException, ValueError) as exc:
-            raise HostKeyError(f"{path}:{number}: unreadable host key: {exc}") from exc
-        if entry is not None:
-            keys.add(name, entry.key.get_name(), entry.key)
-
-
-_Lines = list[tuple[int, str]]
-
-
-@functools.lru_cache(maxsize=4)
-def _known_hosts_index(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, _Lines], _Lines]:
-    """known_hosts read once per version of the file, not once per host (a 500-host run would
-    scan 500 lines 500 times): lines by plain host name, and the lines that need matching
-    (hashed names, wildcards, negations). @cert-authority / @revoked lines are skipped:
-    paramiko cannot honour them."""
-    plain: dict[str, _Lines] = {}
-    patterned: _Lines = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split()
-        if len(fields) < 3 or fields[0].startswith(("#", "@")):
-            continue
-        if any(mark in fields[0] for mark in "|*?!"):
-            patterned.append((number, line))
-            continue
-        for pattern in dict.fromkeys(fields[0].lower().split(",")):
-            plain.setdefault(pattern, []).append((number, line))
-    return plain, patterned
-
-
-def _matches(patterns: str, name: str) -> bool:
-    """OpenSSH known_hosts host matching: comma list, hashed |1| entries, * and ?, !negation."""
-    matched = False
-    for pattern in patterns.split(","):
-        negated = pattern.startswith("!")
-        pattern = pattern.removeprefix("!")
-        if pattern.startswith("|1|"):
-            hit = paramiko.HostKeys.hash_host(name, pattern) == pattern
-        elif "*" in pattern or "?" in pattern:
-            regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
-            hit = re.fullmatch(regex, name, re.IGNORECASE) is not None
-        else:
-            hit = pattern.lower() == name.lower()
-        if hit and negated:
-            return False
-        matched = matched or hit
-    return matched
 
 
 # ------------------------------------------------------------------------------- errors
