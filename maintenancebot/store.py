@@ -43,6 +43,7 @@ from maintenancebot.store_records import (
     from_iso,
     new_run_id,
     utc_now,
+    where,
 )
 from maintenancebot.store_schedule import ScheduleTables
 from maintenancebot.store_schema import MIGRATIONS, SCHEMA_VERSION
@@ -232,14 +233,7 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
     def list_runs(self, limit: int = 50, runbook: str | None = None,
                   status: RunStatus | None = None) -> list[RunRecord]:
         """Newest first."""
-        where, params = [], []
-        if runbook is not None:
-            where.append("runbook = ?")
-            params.append(runbook)
-        if status is not None:
-            where.append("status = ?")
-            params.append(str(status))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = where(runbook=runbook, status=status)
         rows = self._query(f"SELECT * FROM runs {clause} ORDER BY started_at DESC, id DESC "
                            "LIMIT ?", (*params, limit))
         return [_run(row) for row in rows]

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from maintenancebot.errors import NotFound
-from maintenancebot.store_records import StorePlumbing, from_iso
+from maintenancebot.store_records import StorePlumbing, from_iso, where
 
 OPEN = "open"
 CLOSED = "closed"
@@ -133,14 +133,7 @@ class ApprovalTables(StorePlumbing):
     def list_approvals(self, *, status: str | None = OPEN, run_id: str | None = None,
                        limit: int = 200) -> list[ApprovalRecord]:
         """Oldest first: the request that waits longest is the one to answer first."""
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if run_id is not None:
-            where.append("run_id = ?")
-            params.append(run_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = where(status=status, run_id=run_id)
         rows = self._query(f"SELECT * FROM approvals {clause} ORDER BY id DESC LIMIT ?",
                            (*params, limit))
         return [self._approval(row) for row in reversed(rows)]

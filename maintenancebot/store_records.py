@@ -144,6 +144,13 @@ def from_iso(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def where(**equal: object) -> tuple[str, list[object]]:
+    """`WHERE a = ? AND b = ?` and its parameters, for the filters that are not None."""
+    given = {column: value for column, value in equal.items() if value is not None}
+    clause = " AND ".join(f"{column} = ?" for column in given)
+    return (f"WHERE {clause}" if clause else ""), [str(v) for v in given.values()]
+
+
 class StorePlumbing:
     """What the store's table mixins (`store_approvals`, `store_process`, `store_schedule`)
     use of `RunStore`: its connection, lock, transactions, redaction and audit."""
