@@ -2,7 +2,7 @@
 says `mode: delete`), list exactly those files in a dry-run, and put them back on rollback.
 
 Owned here: the runbook arguments and their static checks (the protected floor, absolute globs
-without `..`), the one runner that ships the host-side program `actions/remote/safe_delete.py`
+without `..`), the one runner that ships the host-side program `actions/remote/safe_delete/`
 (`python3 -I -c SOURCE`, request as JSON on stdin, one JSON report back), and the translation of
 its report into an `ActionReport` (counts, bytes moved to trash or freed for good, top
 directories, the files). Not here: any file-system decision. Every rule that keeps a deletion
@@ -22,9 +22,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maintenancebot.actions import ActionContext, ActionReport, register_action
+from maintenancebot.actions._bundle import bundle
 from maintenancebot.actions._probe import C_LOCALE, REMOTE_PYTHON, Size, tail
 from maintenancebot.actions.backup_check import human_size
-from maintenancebot.actions.remote import safe_delete as remote
+from maintenancebot.actions.remote import safe_delete as remote_program
+from maintenancebot.actions.remote.safe_delete import paths as host_paths
 from maintenancebot.models import Duration
 from maintenancebot.transports.base import Command, Transport
 
@@ -46,8 +48,8 @@ def check_absolute(value: str, what: str) -> str:
     if "{{" in value or "{%" in value:
         return value  # a template: checked after rendering, on the host
     try:
-        remote.abs_parts(value.encode("utf-8", "surrogateescape"), what)
-    except remote.Refused as exc:
+        host_paths.abs_parts(value.encode("utf-8", "surrogateescape"), what)
+    except host_paths.Refused as exc:
         raise ValueError(str(exc)) from None
     return value
 
@@ -56,8 +58,8 @@ def check_root(value: str) -> str:
     check_absolute(value, "within root")
     if "{{" in value or "{%" in value:
         return value
-    parts = remote.abs_parts(value.encode("utf-8", "surrogateescape"), "within root")
-    if remote.on_floor(remote.join(parts)) or remote.PROTECTED_DIRS.intersection(parts):
+    parts = host_paths.abs_parts(value.encode("utf-8", "surrogateescape"), "within root")
+    if host_paths.on_floor(host_paths.join(parts)) or host_paths.PROTECTED_DIRS.intersection(parts):
         raise ValueError(f"within root {value} is on the protected floor (/, /etc, /usr, /boot, "
                          "/bin, /sbin, /lib*, /root, /home and /home/*, /var, /var/lib, /proc, "
                          "/sys, /dev, .git/.ssh dirs): no runbook can delete there")
@@ -128,8 +130,8 @@ class SafeDeleteArgs(SelectionArgs):
 
 @cache
 def program() -> str:
-    """The host-side program's text, exactly as it is in the package (and as tests import it)."""
-    return resources.files(remote.__package__).joinpath("safe_delete.py").read_text()
+    """The host-side package as one program text: its modules, exactly as tests import them."""
+    return bundle(resources.files(remote_program))
 
 
 def run_helper(transport: Transport, request: dict[str, Any], *, sudo: bool,
