@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import subprocess
 import threading
 import time
 import urllib.error
@@ -37,6 +36,7 @@ from maintenancebot.store import RunStore
 from maintenancebot.testing.fleet import Fleet
 from tests.harness import Bench
 from tests.httpfakes import FakeServer, Recorded, Reply, fake_server, slack_ok
+from tests.test_approvals import fresh_roots, gated
 
 BOT_TOKEN = "xoxb-111111111111-2222222222222-AbCdEfGhIjKlMnOpQrStUvWx"
 APP_TOKEN = "xapp-1-A0123-4567-abcdefabcdef0123456789"
@@ -473,22 +473,15 @@ def test_socket_mode_needs_the_app_token(desk: Desk) -> None:
 
 # ------------------------------------------------------------------------------ end to end
 
-GATED = """
-hosts: all
-vars: {db_password: "env:E2E_DB_PASSWORD"}
-steps:
-  - name: flag
-    readonly: true
-    run: cat {{ root }}/flag 2>/dev/null || echo no
-    register: flag
-  - name: reboot
-    when: "flag.stdout == 'yes'"
-    approval: {required: true, timeout: 5m}
-    run: touch {{ root }}/rebooted && echo {{ db_password }} > /dev/null
-    rollback: rm -f {{ root }}/rebooted
-  - name: after
-    run: touch {{ root }}/after
-"""
+def with_planted_secret(runbook: str) -> str:
+    """test_approvals' gated runbook, whose approval request must show the reboot command with
+    a secret inside it: the secret is what Slack must never receive."""
+    planted = runbook.replace(
+        "hosts: all\n", 'hosts: all\nvars: {db_password: "env:E2E_DB_PASSWORD"}\n', 1).replace(
+        "run: touch {{ root }}/rebooted\n",
+        "run: touch {{ root }}/rebooted && echo {{ db_password }} > /dev/null\n", 1)
+    assert planted.count("db_password") == 2
+    return planted
 
 
 def test_a_click_in_slack_resumes_a_parked_run_on_real_hosts(
@@ -496,9 +489,7 @@ def test_a_click_in_slack_resumes_a_parked_run_on_real_hosts(
     monkeypatch.setenv("SLACK_BOT_TOKEN", BOT_TOKEN)
     monkeypatch.setenv("E2E_DB_PASSWORD", PLANTED)
     names = fleet.names
-    for name in names:
-        subprocess.run(["rm", "-rf", str(fleet.root(name))], check=True)
-        fleet.root(name).mkdir(parents=True)
+    fresh_roots(fleet)
     (fleet.root(names[0]) / "flag").write_text("yes\n")
     bench = Bench(fleet, tmp_path)
     outcome: list[RunOutcome] = []
@@ -508,7 +499,7 @@ def test_a_click_in_slack_resumes_a_parked_run_on_real_hosts(
             approvers=Approvers(slack=[APPROVER]),
             slack=SlackSettings(channel="C0MAINT", base_url=slack.url + "api/",
                                 interactivity_listen="127.0.0.1:0"))
-        plan = app.prepare(settings, str(bench.write_runbook(GATED)), str(bench.inventory), None)
+        plan = app.prepare(settings, str(bench.write_runbook(with_planted_secret(gated("5m")))), str(bench.inventory), None)
         runner = threading.Thread(target=lambda: outcome.append(app.execute(
             settings, plan, dry_run=False, started_by="alice")))
         runner.start()
