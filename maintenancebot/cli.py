@@ -21,7 +21,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from maintenancebot import __version__
 from maintenancebot.errors import (
@@ -32,6 +31,7 @@ from maintenancebot.errors import (
     TemplateError,
 )
 from maintenancebot.states import RunStatus
+from maintenancebot.terminal import LazyConsole
 
 if TYPE_CHECKING:  # pydantic and the models load with the config, not for `--help`
     from maintenancebot.models import Settings
@@ -43,8 +43,8 @@ _RUN_EXIT = {RunStatus.SUCCEEDED: EXIT_OK, RunStatus.FAILED: EXIT_FAILED,
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+out = LazyConsole(highlight=False, soft_wrap=False)
+err = LazyConsole(stderr=True, highlight=False)
 
 
 def _clean_errors(func: F) -> F:
@@ -241,9 +241,9 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
     the_plan = app.prepare(settings, runbook, inventory, list(narrow) or None, overrides)
     progress: LiveProgress | LineProgress | None = None
     if not as_json:
-        progress = (LiveProgress(err, [h.name for h in the_plan.hosts],
+        progress = (LiveProgress(err.console, [h.name for h in the_plan.hosts],
                                  len(the_plan.runbook.steps), dry_run)
-                    if err.is_terminal else LineProgress(err, dry_run))
+                    if err.is_terminal else LineProgress(err.file, dry_run))
     store = app.open_store(settings)
     # What is loaded by now (modules, models, the plan) lives until exit. Frozen, it is out of
     # the collector's reach: a full collection mid-run walked all of it, ~50 ms with every host

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Self
-
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Self, TextIO
 
 from maintenancebot.runcontrol import Event
 from maintenancebot.states import HostStatus
 from maintenancebot.views import STATUS_STYLE
+
+if TYPE_CHECKING:  # rich loads only for a terminal: LiveProgress imports it when made
+    from rich.console import Console
+    from rich.table import Table
 
 _SHOWN_ROWS = 40
 
@@ -26,6 +25,8 @@ class LiveProgress:
     """A rich Live table: one row per host, its state and the step it is on."""
 
     def __init__(self, console: Console, hosts: list[str], steps: int, dry_run: bool) -> None:
+        from rich.live import Live
+
         self._rows: dict[str, tuple[str, str, int]] = {h: ("pending", "", 0) for h in hosts}
         self._steps = steps
         self._title = ("DRY RUN — " if dry_run else "") + "progress"
@@ -42,6 +43,9 @@ class LiveProgress:
                 self._rows[event.host] = (status, f"{event.step}: {event.status}", done + 1)
 
     def _render(self) -> Table:
+        from rich.table import Table
+        from rich.text import Text
+
         with self._lock:
             rows = dict(self._rows)
         finished = sum(1 for status, _, _ in rows.values() if status not in ("pending", "running"))
@@ -69,8 +73,8 @@ class LiveProgress:
 class LineProgress:
     """One line per finished host on stderr, for logs and pipes."""
 
-    def __init__(self, console: Console, dry_run: bool) -> None:
-        self._console = console
+    def __init__(self, stream: TextIO, dry_run: bool) -> None:
+        self._stream = stream
         self._prefix = "DRY RUN " if dry_run else ""
         self._lock = threading.Lock()
 
@@ -78,8 +82,8 @@ class LineProgress:
         if event.step is None and event.status not in (HostStatus.RUNNING, HostStatus.PENDING):
             # Plain text to a pipe: rich's rendering would cost a millisecond a line.
             with self._lock:
-                self._console.file.write(f"{self._prefix}host {event.host}: {event.status}\n")
-                self._console.file.flush()
+                self._stream.write(f"{self._prefix}host {event.host}: {event.status}\n")
+                self._stream.flush()
 
     def __enter__(self) -> Self:
         return self

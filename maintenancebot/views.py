@@ -7,13 +7,15 @@ the same run. Pure formatting: nothing here prints or reads the clock.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
-
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from maintenancebot.states import StepStatus
-from maintenancebot.store import RunStore
+
+if TYPE_CHECKING:  # rich loads only to draw a table on a terminal, never for a piped run
+    from rich.table import Table
+    from rich.text import Text
+
+    from maintenancebot.store import RunStore
 
 DRY = "DRY RUN"
 
@@ -104,6 +106,9 @@ def run_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def run_table(doc: dict[str, Any]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     title = f"{'DRY RUN — ' if doc['dry_run'] else ''}{doc['runbook']}  run {doc['run_id']}"
     table = Table(title=title, title_justify="left", expand=False)
     for column in ("host", "#", "step", "status", "detail"):
@@ -125,6 +130,8 @@ def run_table(doc: dict[str, Any]) -> Table:
 
 
 def history_table(runs: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(title="runs", title_justify="left")
     for column in ("run", "runbook", "status", "mode", "started", "by", "note"):
         table.add_column(column, overflow="fold")
@@ -162,6 +169,8 @@ def history_entries(store: RunStore, limit: int) -> list[dict[str, Any]]:
 
 
 def _styled(status: str) -> Text:
+    from rich.text import Text
+
     label = str(status).replace("_", " ")
     return Text(label, style=STATUS_STYLE.get(str(status), ""))
 

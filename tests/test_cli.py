@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +173,38 @@ def test_var_overrides_runbook_and_inventory_vars_for_one_run(cli: Cli) -> None:
     assert skipped["hosts"][0]["steps"][0]["status"] == "skipped"
     bad = cli("run", "greet", "--var", "no equals sign")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+def test_a_piped_run_never_loads_rich(cli: Cli) -> None:
+    cli.runbook("hello", "steps: [{name: greet, run: 'echo hello'}]")
+    env = {k: v for k, v in cli.env().items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "maintenancebot", "run",
+                             "hello", "--hosts", cli.fleet.names[0]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "maintenancebot.engine" in imported
+    assert not [name for name in imported if name.split(".")[0] == "rich"]
+
+
+def test_a_run_on_a_terminal_draws_its_table(cli: Cli) -> None:
+    cli.runbook("hello", "steps: [{name: greet, run: 'echo hello'}]")
+    leader, follower = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "maintenancebot", "run", "hello", "--hosts",
+                           cli.fleet.names[0]], cwd=REPO, env={**cli.env(), "COLUMNS": "120"},
+                          stdin=subprocess.DEVNULL, stdout=follower, stderr=follower) as child:
+        os.close(follower)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert child.wait(120) == 0, screen.decode(errors="replace")
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    assert "┃ host" in text and f"│ {cli.fleet.names[0]}" in text and "status: succeeded" in text
