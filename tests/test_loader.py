@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,6 +25,7 @@ from maintenancebot.models import Settings
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
+REPO = TESTS.resolve().parent
 
 
 def lines_of(paths: list[Path]) -> list[str]:
@@ -391,3 +395,36 @@ def test_validate_skips_hidden_directories(tmp_path: Path) -> None:
     write(tmp_path, ".git/config.yaml", "nonsense: [\n")
     write(tmp_path, "runbooks/r.yaml", "steps: [{name: a, run: x}]\n")
     assert lines_of([tmp_path]) == []
+
+
+PLUGIN_PROBE = """
+import sys
+{first}
+from pydantic import BaseModel
+
+class Probe(BaseModel):
+    x: int
+
+print(Probe(x=1).x, 'tamper' in sys.modules, 'importlib.metadata' in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("first", "expected"), [
+    ("", "1 True True"),  # the control: plain pydantic loads the planted plugin
+    ("import maintenancebot", "1 False False"),
+])
+def test_no_installed_pydantic_plugin_takes_part_in_validation(
+        tmp_path: Path, first: str, expected: str) -> None:
+    # A distribution that registers a pydantic plugin, as any package in the venv could.
+    (tmp_path / "tamper.py").write_text("class Plugin:\n    def new_schema_validator(self, *a, "
+                                        "**k):\n        return None, None, None\nplugin = "
+                                        "Plugin()\n")
+    info = tmp_path / "tamper-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tamper\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[pydantic]\ntamper = tamper:plugin\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    done = subprocess.run([sys.executable, "-c", PLUGIN_PROBE.format(first=first)], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == expected.split(), done.stderr
