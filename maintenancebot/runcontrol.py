@@ -15,7 +15,7 @@ from typing import Any
 
 from maintenancebot.models import format_duration
 from maintenancebot.states import HostStatus, StepStatus
-from maintenancebot.store import RunStore
+from maintenancebot.store import STOP_READ_SECONDS, RunStore, StopState
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class RunControl:
         self._abort_reason: str | None = None
         self._halt: str | None = None
         self._interrupted = False
+        self._stop: StopState | None = None
+        self._stop_read_until = 0.0
 
     @property
     def interrupted(self) -> bool:
@@ -113,7 +115,7 @@ class RunControl:
     def halt_reason(self) -> str | None:
         """Why no host may take another step (kill switch, run timeout, a halt), checked before
         each."""
-        stop = self._store.stop_state()
+        stop = self._stop_state()
         if self._halt is not None:
             return self._halt
         if PROCESS_STOP.reason is not None:
@@ -128,6 +130,20 @@ class RunControl:
             return None
         self.abort(reason)
         return reason
+
+    def _stop_state(self) -> StopState | None:
+        """The kill switch as last read, read again once STOP_READ_SECONDS old (real time, not
+        the run's clock, which tests may freeze). Measured from before the read began, so that
+        `set_stop`, which waits as long, returns only when every run's next read will see it."""
+        with self._lock:
+            if self._stop is not None or time.monotonic() < self._stop_read_until:
+                return self._stop
+        began = time.monotonic()
+        stop = self._store.stop_state()
+        with self._lock:
+            self._stop = self._stop or stop
+            self._stop_read_until = max(self._stop_read_until, began + STOP_READ_SECONDS)
+            return self._stop
 
     def start_refusal(self) -> str | None:
         """Why a host that has not started yet must not start (also the breaker, failed batch,

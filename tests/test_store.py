@@ -13,8 +13,9 @@ import pytest
 
 from maintenancebot.errors import NotFound, StoreError
 from maintenancebot.redact import Redactor
+from maintenancebot.runcontrol import RunControl
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
-from maintenancebot.store import DIED, TAIL_CHARS, RunStore, new_run_id
+from maintenancebot.store import DIED, TAIL_CHARS, RunStore, StopState, new_run_id
 
 SECRET = "hunter2-Zq8v-planted"
 
@@ -246,3 +247,27 @@ def test_readers_wait_for_a_busy_writer_instead_of_failing(tmp_path: Path) -> No
     assert time.monotonic() - begun >= 0.4
     released.join()
     blocker.close()
+
+
+class CountingStore(RunStore):
+    """The real store, counting how often a run reads the kill switch."""
+
+    reads = 0
+
+    def stop_state(self) -> StopState | None:
+        self.reads += 1
+        return super().stop_state()
+
+
+def test_a_run_reads_the_kill_switch_rarely_yet_halts_at_once_after_set_stop(
+        tmp_path: Path) -> None:
+    with CountingStore(tmp_path / "mb.db") as store, RunStore(tmp_path / "mb.db") as operator:
+        control = RunControl("run-1", store, timeout=3600, max_failures=None)
+        assert all(control.halt_reason() is None for _ in range(200))
+        assert store.reads == 1  # one query for 200 checks made within STOP_READ_SECONDS
+        operator.set_stop("incident 4711", "oncall")  # another process, as `maintenancebot stop`
+        # set_stop returned: the very next check sees the switch, however fresh the last read.
+        assert "incident 4711" in (control.halt_reason() or "")
+        assert store.reads == 2
+        operator.clear_stop("oncall")
+        assert "incident 4711" in (control.halt_reason() or ""), "a run once halted stays so"
