@@ -119,8 +119,9 @@ steps:
 
 def floor_tools(fleet: Fleet, names: list[str], work: Path) -> list[Tool]:
     """The floor, and the floor sending each command in the very line maintenancebot sends
-    (`timeout -k 3 600 sh -c ...; exit $?`): two more processes per step on the host, which
-    this benchmark's hosts pay on the controller's own cores. The difference is that price."""
+    (`exec timeout -k 3 600 [sh -c] ...`): one or two more processes per step on the host,
+    which this benchmark's hosts pay on the controller's own cores. The difference is that
+    price."""
     tools: list[Tool] = []
     for label, line in (("floor (raw paramiko)", str),
                         ("floor, bot's remote line", _bot_line)):
