@@ -28,6 +28,7 @@ from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory, load_settings
 from maintenancebot.models import Host, SshSettings
 from maintenancebot.testing.fleet import Fleet, FleetError
+from maintenancebot.transports import ssh as ssh_module
 from maintenancebot.transports.base import (
     KILL_GRACE,
     Command,
@@ -286,6 +287,26 @@ def test_many_runs_share_one_connection(fleet: Fleet, tmp_path: Path) -> None:
     assert len(sessions) == 1 and sessions != {""}
     assert fleet.logins(host.name) - logins == 1
     assert wait_until(lambda: fleet.connections(host.name) == 0), "close() left it open"
+
+
+def test_output_is_collected_as_it_arrives_not_by_periodic_polling(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the periodic wake-up an hour away, only the streams' own events (data, EOF) can end
+    # a wait before the command's deadline; a missed one would show as a wait that timed out.
+    monkeypatch.setattr(ssh_module, "_POLL_SECONDS", 3600.0)
+    woken: list[bool] = []
+    wait = ssh_module._Arrivals.wait
+    monkeypatch.setattr(ssh_module._Arrivals, "wait",
+                        lambda self, seconds: woken.append(wait(self, seconds)) or woken[-1])
+    scripts = {"echo out": ("out\n", ""), "echo err >&2": ("", "err\n"), "true": ("", ""),
+               "sleep 0.3; echo late": ("late\n", ""),
+               "head -c 300000 /dev/zero | tr '\\0' o; echo e >&2": ("o" * 300_000, "e\n")}
+    with SshTransport(fleet.host(fleet.names[0]), fleet.ssh_settings) as ssh:
+        for script, (out, err) in scripts.items():
+            result = ssh.run(Command(script, timeout=5))
+            assert (result.rc, result.stdout, result.stderr) == (0, out, err), script
+            assert all(woken), f"{script}: a wait ran out before its data came"
+    assert woken  # `sleep 0.3` at least had to wait
 
 
 def test_unreachable_host_fails_fast_with_connect_error(fleet: Fleet) -> None:

@@ -15,7 +15,6 @@ import getpass
 import logging
 import re
 import secrets
-import select
 import signal
 import socket
 import sys
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 30
 _CHUNK = 65536
-_POLL_MS = 1000  # upper bound of one wait; data, EOF and a lost connection all wake us earlier
+_POLL_SECONDS = 1.0  # upper bound of one wait; data, EOF and a lost connection wake us earlier
 _TIMEOUT_RCS = (124, 137)  # GNU timeout: 124 after SIGTERM, 128+9 when it had to SIGKILL
 # Paramiko errors that mean "the connection or channel broke".
 _LINK_ERRORS = (paramiko.SSHException, OSError, EOFError)
@@ -402,9 +401,7 @@ def _send_all(channel: paramiko.Channel, data: bytes) -> None:
 def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes, bool]:
     """Read stdout and stderr together until EOF (True) or the deadline (False)."""
     out, err = bytearray(), bytearray()
-    # poll, not select: a benchmark with hundreds of connections has descriptors past 1024.
-    poller = select.poll()
-    poller.register(channel.fileno(), select.POLLIN)
+    arrivals = _Arrivals(channel)
     while True:
         # Checked before draining: data sent before EOF is then certainly in the buffers.
         ended = channel.eof_received or channel.closed
@@ -417,7 +414,49 @@ def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, 
         wait = _remaining(deadline)
         if wait is not None and wait <= 0:
             return bytes(out), bytes(err), False
-        poller.poll(_POLL_MS if wait is None else min(_POLL_MS, int(wait * 1000) + 1))
+        arrivals.wait(_POLL_SECONDS if wait is None else min(_POLL_SECONDS, wait))
+
+
+class _Arrivals:
+    """Set while the channel's stdout or stderr holds data or has closed (EOF, a lost
+    connection): what `_collect` waits on, so both streams drain and neither can fill its
+    window while we wait on the other. paramiko's `Channel.fileno()` gives the same through an
+    OS pipe: two descriptors per channel and a write and a read syscall per packet, ~2% of a
+    50-host run. Its stream buffers take any object with set() and clear() as their event, so
+    here it is one flag per stream and one Event."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._lock = threading.Lock()
+        self._ready = [False, False]
+        self._event = threading.Event()
+        channel.in_buffer.set_event(_StreamFlag(self, 0))
+        channel.in_stderr_buffer.set_event(_StreamFlag(self, 1))
+
+    def mark(self, stream: int, ready: bool) -> None:
+        with self._lock:
+            self._ready[stream] = ready
+            if any(self._ready):
+                self._event.set()
+            else:
+                self._event.clear()
+
+    def wait(self, seconds: float) -> bool:
+        """True when woken by an arrival, False when `seconds` passed without one."""
+        return self._event.wait(seconds)
+
+
+class _StreamFlag:
+    __slots__ = ("_arrivals", "_stream")
+
+    def __init__(self, arrivals: _Arrivals, stream: int) -> None:
+        self._arrivals = arrivals
+        self._stream = stream
+
+    def set(self) -> None:
+        self._arrivals.mark(self._stream, True)
+
+    def clear(self) -> None:
+        self._arrivals.mark(self._stream, False)
 
 
 def _remaining(deadline: float | None) -> float | None:
