@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from maintenancebot.testing.fleet import Fleet
+from tests.daemon_world import clock, world  # noqa: F401 -- the daemon tests' fixtures
 
 
 @pytest.fixture(scope="session")
