@@ -208,3 +208,26 @@ def test_a_run_on_a_terminal_draws_its_table(cli: Cli) -> None:
     os.close(leader)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
     assert "┃ host" in text and f"│ {cli.fleet.names[0]}" in text and "status: succeeded" in text
+
+
+def test_loading_pauses_the_collector_and_freezes_what_it_loaded() -> None:
+    import gc
+
+    from maintenancebot.cli import _loading
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with _loading():
+        assert not gc.isenabled()
+        loaded = [[] for _ in range(100)]
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(loaded)
+    with pytest.raises(RuntimeError), _loading():  # a failed load must not leave it off
+        raise RuntimeError("bad runbook")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _loading():
+            pass
+        assert not gc.isenabled(), "a collector that was off stays off"
+    finally:
+        gc.enable()
