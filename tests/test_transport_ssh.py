@@ -21,7 +21,7 @@ from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory, load_settings
 from maintenancebot.models import Host, SshSettings
 from maintenancebot.testing.fleet import Fleet, FleetError
-from maintenancebot.transports import ssh as ssh_module
+from maintenancebot.transports import ssh_output
 from maintenancebot.transports.base import Command
 from maintenancebot.transports.ssh import SshTransport
 from tests.test_transports import SSHD_OF_SESSION, running, unique_sleep, wait_until
@@ -45,10 +45,10 @@ def test_output_is_collected_as_it_arrives_not_by_periodic_polling(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     # With the periodic wake-up an hour away, only the streams' own events (data, EOF) can end
     # a wait before the command's deadline; a missed one would show as a wait that timed out.
-    monkeypatch.setattr(ssh_module, "_POLL_SECONDS", 3600.0)
+    monkeypatch.setattr(ssh_output, "POLL_SECONDS", 3600.0)
     woken: list[bool] = []
-    wait = ssh_module._Arrivals.wait
-    monkeypatch.setattr(ssh_module._Arrivals, "wait",
+    wait = ssh_output.Arrivals.wait
+    monkeypatch.setattr(ssh_output.Arrivals, "wait",
                         lambda self, seconds: woken.append(wait(self, seconds)) or woken[-1])
     scripts = {"echo out": ("out\n", ""), "echo err >&2": ("", "err\n"), "true": ("", ""),
                "sleep 0.3; echo late": ("late\n", ""),
@@ -138,7 +138,7 @@ def test_known_hosts_lines_match_as_in_openssh(fleet: Fleet, tmp_path: Path, for
         "mixed case": f"OTHER.example,{entry.upper()}",
     }[form]
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"# a comment\n@revoked * {key}\n{patterns} {key}\n")
+    known_hosts.write_text(f"# a comment\n@revoked * {key}\n|1|not-base64|?? {key}\n{patterns} {key}\n")
     settings = fleet.ssh_settings.model_copy(update={"known_hosts": str(known_hosts)})
     if form == "negated":
         with pytest.raises(HostKeyError, match="is not in"):

@@ -1,10 +1,10 @@
 """The SSH transport: one verified, key-authenticated paramiko connection per host, reused.
 
 Owns everything paramiko: connecting (optionally through jump hosts), host key verification
-against a known_hosts file (the file's reading and matching: `ssh_hostkeys`), running commands
-on session channels, SFTP, and translating every paramiko and socket exception into our
-`TransportError` tree (`raise ... from exc`). It and `ssh_hostkeys` are the only modules that
-import paramiko. It must not accept an unknown or changed host key, try passwords,
+against a known_hosts file (which lines speak of a host: `ssh_hostkeys`), running commands on
+session channels (their output read as it arrives: `ssh_output`), SFTP, and translating every
+paramiko and socket exception into our `TransportError` tree (`raise ... from exc`). It is the
+only module that imports paramiko. It must not accept an unknown or changed host key, try passwords,
 read ~/.ssh on its own, or decide anything about what a command means: a non-zero rc is a result.
 """
 
@@ -32,17 +32,21 @@ sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 import paramiko  # type: ignore[import-untyped,unused-ignore]
 from paramiko.common import MSG_CHANNEL_REQUEST  # type: ignore[import-untyped,unused-ignore]
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey  # type: ignore[import-untyped,unused-ignore]
 
 from maintenancebot.errors import CommandTimeout, ConnectError, HostKeyError, TransportError
 from maintenancebot.models import Host, SshSettings
 from maintenancebot.transports.base import Command, CommandResult, controller_deadline, wrap_script
-from maintenancebot.transports.ssh_hostkeys import verifying_client
+from maintenancebot.transports.ssh_hostkeys import (
+    known_host_lines,
+    known_hosts_name,
+    unknown_key_error,
+)
+from maintenancebot.transports.ssh_output import collect, remaining
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 30
-_CHUNK = 65536
-_POLL_SECONDS = 1.0  # upper bound of one wait; data, EOF and a lost connection wake us earlier
 _TIMEOUT_RCS = (124, 137)  # GNU timeout: 124 after SIGTERM, 128+9 when it had to SIGKILL
 # Paramiko errors that mean "the connection or channel broke".
 _LINK_ERRORS = (paramiko.SSHException, OSError, EOFError)
@@ -115,7 +119,19 @@ class SshTransport:
         hops.append(self._handshake(client, host, sock, pkey))
 
     def _new_client(self, host: Host) -> paramiko.SSHClient:
-        return verifying_client(host, self._known_hosts_file(host))
+        """A client that knows only `host`'s keys from known_hosts and rejects anything else."""
+        known_hosts = self._known_hosts_file(host)
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(_RejectUnknownKey(host, known_hosts))
+        keys, name = client.get_host_keys(), known_hosts_name(host)
+        for number, line in known_host_lines(known_hosts, name):
+            try:
+                entry = HostKeyEntry.from_line(line, number)
+            except (InvalidHostKey, paramiko.SSHException, ValueError) as exc:
+                raise HostKeyError(f"{known_hosts}:{number}: unreadable host key: {exc}") from exc
+            if entry is not None:
+                keys.add(name, entry.key.get_name(), entry.key)
+        return client
 
     def _dial(self, host: Host) -> socket.socket:
         timeout = self._ssh.connect_timeout
@@ -212,8 +228,8 @@ class SshTransport:
                 before_start()
             channel.exec_command(_remote_line(command))
             _feed_stdin(channel, command.stdin)
-            out, err, done = _collect(channel, deadline)
-            if not (done and channel.status_event.wait(_remaining(deadline))):
+            out, err, done = collect(channel, deadline)
+            if not (done and channel.status_event.wait(remaining(deadline))):
                 raise self._abandoned(command, out, err, time.monotonic() - started)
             rc = self._exit_status(channel)
             return self._result(command, rc, out, err, time.monotonic() - started)
@@ -310,6 +326,18 @@ def _channel_request(channel: paramiko.Channel, message: paramiko.Message) -> No
     channel.status_event.set()
 
 
+class _RejectUnknownKey(paramiko.RejectPolicy):  # type: ignore[misc,unused-ignore]
+    """paramiko's RejectPolicy, raising our error with the fix in the message."""
+
+    def __init__(self, host: Host, known_hosts: Path) -> None:
+        self._host = host
+        self._known_hosts = known_hosts
+
+    def missing_host_key(self, client: object, hostname: str, key: paramiko.PKey) -> None:
+        raise unknown_key_error(self._host, self._known_hosts,
+                                f"{key.get_name()} {key.fingerprint}")
+
+
 class _Transport(paramiko.Transport):  # type: ignore[misc,unused-ignore]
     """paramiko's Transport, plus the exit-signal request (RFC 4254 6.10) that paramiko drops:
     a command killed by a signal then has an exit status, 128+N as a shell would say, without a
@@ -396,71 +424,6 @@ def _send_all(channel: paramiko.Channel, data: bytes) -> None:
         channel.shutdown_write()
     except _LINK_ERRORS:
         pass  # the command exited without reading all its input (like `head`): not an error
-
-
-def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes, bool]:
-    """Read stdout and stderr together until EOF (True) or the deadline (False)."""
-    out, err = bytearray(), bytearray()
-    arrivals = _Arrivals(channel)
-    while True:
-        # Checked before draining: data sent before EOF is then certainly in the buffers.
-        ended = channel.eof_received or channel.closed
-        while channel.recv_ready():
-            out += channel.recv(_CHUNK)
-        while channel.recv_stderr_ready():
-            err += channel.recv_stderr(_CHUNK)
-        if ended:
-            return bytes(out), bytes(err), True
-        wait = _remaining(deadline)
-        if wait is not None and wait <= 0:
-            return bytes(out), bytes(err), False
-        arrivals.wait(_POLL_SECONDS if wait is None else min(_POLL_SECONDS, wait))
-
-
-class _Arrivals:
-    """Set while the channel's stdout or stderr holds data or has closed (EOF, a lost
-    connection): what `_collect` waits on, so both streams drain and neither can fill its
-    window while we wait on the other. paramiko's `Channel.fileno()` gives the same through an
-    OS pipe: two descriptors per channel and a write and a read syscall per packet, ~2% of a
-    50-host run. Its stream buffers take any object with set() and clear() as their event, so
-    here it is one flag per stream and one Event."""
-
-    def __init__(self, channel: paramiko.Channel) -> None:
-        self._lock = threading.Lock()
-        self._ready = [False, False]
-        self._event = threading.Event()
-        channel.in_buffer.set_event(_StreamFlag(self, 0))
-        channel.in_stderr_buffer.set_event(_StreamFlag(self, 1))
-
-    def mark(self, stream: int, ready: bool) -> None:
-        with self._lock:
-            self._ready[stream] = ready
-            if any(self._ready):
-                self._event.set()
-            else:
-                self._event.clear()
-
-    def wait(self, seconds: float) -> bool:
-        """True when woken by an arrival, False when `seconds` passed without one."""
-        return self._event.wait(seconds)
-
-
-class _StreamFlag:
-    __slots__ = ("_arrivals", "_stream")
-
-    def __init__(self, arrivals: _Arrivals, stream: int) -> None:
-        self._arrivals = arrivals
-        self._stream = stream
-
-    def set(self) -> None:
-        self._arrivals.mark(self._stream, True)
-
-    def clear(self) -> None:
-        self._arrivals.mark(self._stream, False)
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _text(data: bytes) -> str:
