@@ -91,3 +91,17 @@ def test_every_builtin_action_is_known_even_after_one_was_imported_alone() -> No
                            check=True).stdout.split()
     expected = {p.stem for p in (PACKAGE / "actions").glob("[a-z]*.py")}
     assert set(names) == expected
+
+
+def test_a_run_imports_only_the_actions_it_names() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom maintenancebot.actions import get_action\n"
+            "assert get_action('service') is not None\n"
+            "print(' '.join(m.rsplit('.', 1)[1] for m in sys.modules "
+            "if m.startswith('maintenancebot.actions.') and m.count('.') == 2))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    actions = {p.stem for p in (PACKAGE / "actions").glob("[a-z]*.py")}
+    assert actions & set(loaded) == {"service"}

@@ -8,6 +8,8 @@ closed), never silently skipped.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -79,31 +81,26 @@ def _load_builtin_actions() -> None:
     global _builtins_loaded
     if _builtins_loaded:
         return
-    import importlib
-    import pkgutil
-
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "remote":
-            importlib.import_module(f"{__name__}.{module.name}")
+    for name in _action_modules():
+        importlib.import_module(f"{__name__}.{name}")
     _builtins_loaded = True
 
 
 def get_action(name: str) -> Action | None:
-    if name not in ACTIONS and not _builtins_loaded:
-        _load_builtin_action(name)
+    # Only the module named like the action first, so a runbook's start-up pays for the actions
+    # it uses (importing them all costs ~50 ms); all of them for any other name.
+    if name not in ACTIONS and not _builtins_loaded and name in _action_modules():
+        importlib.import_module(f"{__name__}.{name}")
     if name not in ACTIONS:
         _load_builtin_actions()
     return ACTIONS.get(name)
 
 
-def _load_builtin_action(name: str) -> None:
-    """Import only the module named like the action, so a runbook's start-up pays for the actions
-    it uses (importing them all costs ~50 ms). `get_action` falls back to all for other names."""
-    import importlib
-    import pkgutil
-
-    if name != "remote" and name in {module.name for module in pkgutil.iter_modules(__path__)}:
-        importlib.import_module(f"{__name__}.{name}")
+def _action_modules() -> list[str]:
+    """The modules that define actions: not the `remote` package (programs sent to hosts as
+    text) nor the private helpers (`_probe`, `_bundle`, ...)."""
+    return [module.name for module in pkgutil.iter_modules(__path__)
+            if not module.ispkg and not module.name.startswith("_")]
 
 
 def known_actions() -> list[str]:
