@@ -54,6 +54,12 @@ class _Batch:
         self.error: sqlite3.Error | None = None
         self.unawaited = False  # holds a write whose writer did not wait to hear of a failure
 
+    def wait(self) -> None:
+        """Until the COMMIT returned; its failure is raised to every writer that waits."""
+        self.done.wait()
+        if self.error is not None:
+            raise type(self.error)(*self.error.args) from self.error
+
 
 class GroupCommit:
     """Transactions on `db`, a connection in autocommit mode (isolation_level=None) that only
@@ -91,7 +97,7 @@ class GroupCommit:
                 self._wake_flusher()
             waits = self._left(batch, wait)
         if waits:
-            self._await(batch)
+            batch.wait()
 
     def execute(self, sql: str, params: Sequence[Any] = (), *, wait: bool = True) -> int:
         """A write of one statement, as `write` but without its SAVEPOINT (SQLite undoes a failed
@@ -134,13 +140,6 @@ class GroupCommit:
             return False
         batch.unawaited |= not wait
         return wait
-
-    @staticmethod
-    def _await(batch: _Batch) -> None:
-        batch.done.wait()
-        if batch.error is not None:
-            raise type(batch.error)(*batch.error.args) from batch.error
-
 
     def close(self) -> None:
         """Commit what is open and stop the flusher. Call before closing the connection."""
@@ -213,5 +212,5 @@ class Pending:
 
     def result(self) -> int:
         if self._batch is not None:
-            GroupCommit._await(self._batch)
+            self._batch.wait()
         return self._row
