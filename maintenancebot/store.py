@@ -282,9 +282,10 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
 
     def step_starting(self, run_id: str, host: str, idx: int, name: str, *, kind: str = "step",
                       command: str | None) -> Callable[[], int]:
-        """`step_started` in two halves: the row is queued now, and the callable returned waits
-        until it is on disk and gives its id. Nothing of the step may happen on the host before
-        the callable has returned; preparing may (opening the SSH channel overlaps the fsync)."""
+        """`step_started` in two halves: the row is written now (not yet committed), and the
+        callable returned waits until it is on disk and gives its id. Nothing of the step may
+        happen on the host before the callable has returned; preparing may (opening the SSH
+        channel overlaps the fsync)."""
         return self._commits.submit(
             "INSERT INTO steps (run_id, host, idx, name, kind, command, status, started_at)"
             " VALUES (?,?,?,?,?,?,?,?)",

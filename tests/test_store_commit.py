@@ -128,8 +128,8 @@ def test_a_lost_write_that_nobody_waited_for_fails_the_next_write(
 
 
 def test_a_threads_writes_keep_their_order_and_its_reads_see_them(tmp_path: Path) -> None:
-    """Queued one-statement writes and block writes interleave in the order a thread made them,
-    and a read sees the queued ones."""
+    """One-statement writes nobody waits for and block writes land in the order a thread made
+    them, and a read sees them before they are committed."""
     run_id = "20261123-010000-bbbbbb"
     with RunStore(tmp_path / "mb.db") as store:
         store.create_run(run_id, runbook="weekly", runbook_path=None, runbook_hash=None,
@@ -137,8 +137,8 @@ def test_a_threads_writes_keep_their_order_and_its_reads_see_them(tmp_path: Path
                          hosts=[("web-01", None)])
         for index in range(20):
             row = store.step_started(run_id, "web-01", index, f"step {index}", command="true")
-            store.step_finished(row, StepStatus.OK, rc=0)  # queued, nobody waits
-            assert store.get_step(row).status == StepStatus.OK  # the read runs the queue first
+            store.step_finished(row, StepStatus.OK, rc=0)  # nobody waits for its commit
+            assert store.get_step(row).status == StepStatus.OK  # seen before the commit
             store.set_step_status(row, StepStatus.ROLLED_BACK)  # a block write, after it
     other = sqlite3.connect(tmp_path / "mb.db")
     statuses = [s for (s,) in other.execute("SELECT status FROM steps ORDER BY id")]
