@@ -499,7 +499,8 @@ def test_a_click_in_slack_resumes_a_parked_run_on_real_hosts(
             approvers=Approvers(slack=[APPROVER]),
             slack=SlackSettings(channel="C0MAINT", base_url=slack.url + "api/",
                                 interactivity_listen="127.0.0.1:0"))
-        plan = app.prepare(settings, str(bench.write_runbook(with_planted_secret(gated("5m")))), str(bench.inventory), None)
+        runbook = bench.write_runbook(with_planted_secret(gated("5m")))
+        plan = app.prepare(settings, str(runbook), str(bench.inventory), None)
         runner = threading.Thread(target=lambda: outcome.append(app.execute(
             settings, plan, dry_run=False, started_by="alice")))
         runner.start()

@@ -138,7 +138,8 @@ def test_known_hosts_lines_match_as_in_openssh(fleet: Fleet, tmp_path: Path, for
         "mixed case": f"OTHER.example,{entry.upper()}",
     }[form]
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"# a comment\n@revoked * {key}\n|1|not-base64|?? {key}\n{patterns} {key}\n")
+    known_hosts.write_text(f"# a comment\n@revoked * {key}\n|1|not-base64|?? {key}\n"
+                           f"{patterns} {key}\n")
     settings = fleet.ssh_settings.model_copy(update={"known_hosts": str(known_hosts)})
     if form == "negated":
         with pytest.raises(HostKeyError, match="is not in"):
@@ -191,7 +192,8 @@ def test_jump_host_carries_the_connection_and_both_close(fleet: Fleet) -> None:
     logins = {name: fleet.logins(name) for name in (jump, target)}
     try:
         result = ssh.run(Command("echo $SSH_CONNECTION"))
-        assert result.stdout.split()[2:] == [fleet.host(target).address, str(fleet.host(target).port)]
+        target_host = fleet.host(target)
+        assert result.stdout.split()[2:] == [target_host.address, str(target_host.port)]
         assert {name: fleet.logins(name) - logins[name] for name in logins} == {jump: 1, target: 1}
         ssh.close()
         assert wait_until(lambda: fleet.connections(jump) + fleet.connections(target) == 0)
