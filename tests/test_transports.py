@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import secrets
 import shlex
 import signal
@@ -158,6 +159,25 @@ def test_only_a_plain_command_skips_the_shell(script: str, plain: bool) -> None:
     assert ("sh -c" not in line) == plain, line
     if plain:
         assert shlex.split(line) == ["timeout", "-k", str(KILL_GRACE), "5", *shlex.split(script)]
+
+
+def test_a_plain_command_has_the_words_sh_would_give_it() -> None:
+    # Random scripts from the plain grammar's pieces (quotes with spaces, quote characters and
+    # shell syntax inside them, empty quotes, pieces glued into one word): each plain one must
+    # split as POSIX quote removal (shlex.split) splits it.
+    rnd = random.Random(8)
+    pieces = ["a", "Z", "9", "_", ".", "/", ",", ":", "+", "@", "=", "-", "'x y'", "''", '""',
+              '"a b"', "'\"'", "\"'\"", "'$HOME'", "'*;|'", '"*"', "é", "\\", "$"]
+    checked = 0
+    for _ in range(20000):
+        words = ["".join(rnd.choices(pieces, k=rnd.randint(1, 4)))
+                 for _ in range(rnd.randint(1, 4))]
+        script = (" " * rnd.randint(1, 2)).join(words)
+        line = wrap_script(Command(script, timeout=5))
+        if "sh -c" not in line:
+            checked += 1
+            assert shlex.split(line)[4:] == shlex.split(script), script
+    assert checked > 1000  # the generator does reach the plain grammar
 
 
 def test_a_command_starts_only_once_before_start_has_returned(
