@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +15,17 @@ from typing import Any, TextIO
 
 from maintenancebot.approvals import ApprovalNotifier, LogNotifier
 from maintenancebot.engine import Engine, RunOutcome
-from maintenancebot.errors import ConfigError, ConfigIssue, NotFound
+from maintenancebot.errors import ConfigError
 from maintenancebot.inventory import resolve_inventory
-from maintenancebot.loader import load_inventory, load_runbook
+from maintenancebot.loader import load_inventory
 from maintenancebot.models import Settings
-from maintenancebot.plan import Plan, RunbookSource, build_plan
+from maintenancebot.plan import Plan
 from maintenancebot.reporting import guard_logs, redactor_for, report_run
 from maintenancebot.runcontrol import Observer
 from maintenancebot.states import RunStatus
 from maintenancebot.store import HostsBusy, RunRecord, RunStore, new_run_id
 from maintenancebot.transports import open_transport
+from maintenancebot.transports.base import TransportFactory
 
 DB_NAME = "maintenancebot.db"
 
@@ -37,53 +37,25 @@ def open_store(settings: Settings) -> RunStore:
     return store
 
 
-def resolve_runbook(reference: str, settings: Settings) -> Path:
-    """A runbook given as a path, or by name from the configured runbooks directory."""
-    path = Path(reference).expanduser()
-    if path.is_file():
-        return path
-    if settings.runbooks:
-        directory = Path(settings.runbooks)
-        for candidate in (directory / reference, *(directory / f"{reference}{ext}"
-                                                   for ext in (".yaml", ".yml"))):
-            if candidate.is_file():
-                return candidate
-    raise NotFound(f"no runbook {reference!r} (not a file, and not in the runbooks directory "
-                   f"{settings.runbooks or '(none configured)'})")
-
-
-def prepare(
-    settings: Settings, runbook_ref: str, inventory_ref: str | None, narrow: list[str] | None,
-    overrides: dict[str, Any] | None = None,
-) -> Plan:
-    """Load and validate everything, then plan. Raises before anything runs."""
-    path = resolve_runbook(runbook_ref, settings)
-    inventory_path = inventory_ref or settings.inventory
-    if not inventory_path:
-        raise ConfigError([ConfigIssue(str(path), None, "",
-                                       "no inventory: pass -i FILE or set `inventory` in the config")])
-    runbook = load_runbook(path)
-    inventory = resolve_inventory(load_inventory(Path(inventory_path).expanduser()))
-    return build_plan(runbook, inventory, runbook_source(path), narrow, overrides)
-
-
 def execute(
     settings: Settings, plan: Plan, *, dry_run: bool, observer: Observer | None = None,
     started_by: str | None = None, store: RunStore | None = None, notify: bool = False,
     console: TextIO | None = None, wait: bool = True,
     approval_echo: Callable[[str], None] | None = None,
+    transports: TransportFactory | None = None,
 ) -> RunOutcome:
     """Run `plan`, then report it: to `console` if given, and to Slack for a real run (or a
     dry-run with `notify`). Secrets of this run are redacted from the store and the logs.
     `wait=False`: return (status `waiting`) once every host is done or parked on an approval;
-    the daemon resumes the run when the approvals are answered."""
+    the daemon resumes the run when the approvals are answered. `transports`: where the hosts'
+    connections come from, if not fresh ones (the CLI's `Predial`)."""
     own_store = store is None
     store = store or open_store(settings)
     try:
         redactor = redactor_for(settings, plan_secrets(plan))
         store.set_redactor(redactor)
         guard_logs(redactor)
-        engine = _engine(settings, store, observer)
+        engine = _engine(settings, store, observer, transports)
         run_id = new_run_id()
         with host_leases(store, plan, run_id, dry_run=dry_run):
             outcome = engine.execute(
@@ -124,8 +96,10 @@ def resume(settings: Settings, store: RunStore, plan: Plan, run: RunRecord,
     return outcome
 
 
-def _engine(settings: Settings, store: RunStore, observer: Observer | None) -> Engine:
-    return Engine(store, lambda host: open_transport(host, settings.ssh), observer=observer,
+def _engine(settings: Settings, store: RunStore, observer: Observer | None,
+            transports: TransportFactory | None = None) -> Engine:
+    return Engine(store, transports or (lambda host: open_transport(host, settings.ssh)),
+                  observer=observer,
                   action_state={"trash_retention": settings.trash_retention})
 
 
@@ -183,26 +157,3 @@ def plan_secrets(plan: Plan) -> list[Any]:
 def current_user() -> str:
     """Who started a run: the login behind sudo if any, so audits name a person, not root."""
     return os.environ.get("SUDO_USER") or getpass.getuser()
-
-
-def runbook_source(path: Path) -> RunbookSource:
-    """The runbook's content hash and, inside a git checkout, its commit and dirtiness."""
-    source = RunbookSource.from_text(path.resolve(), path.read_bytes())
-    commit, dirty = _git_state(path)
-    return RunbookSource(source.path, source.sha256, commit, dirty)
-
-
-def _git_state(path: Path) -> tuple[str | None, bool | None]:
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(path.resolve().parent), *args],
-                                  capture_output=True, text=True, timeout=5, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return None, None
-    status = git("status", "--porcelain", "--", str(path.resolve()))
-    return commit, bool(status)

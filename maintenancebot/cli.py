@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
@@ -234,31 +234,36 @@ def run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, .
 def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, ...],
          as_json: bool, overrides: dict[str, Any], *, dry_run: bool, notify: bool,
          wait: bool = True) -> None:
-    with _loading():
-        from maintenancebot import app, views
-        from maintenancebot.progress import LineProgress, LiveProgress
+    with ExitStack() as closing:
+        with _loading():
+            from maintenancebot.prepare import prepare
+            from maintenancebot.transports import open_transport
+            from maintenancebot.transports.predial import Predial
 
-        settings = state.settings
-        the_plan = app.prepare(settings, runbook, inventory, list(narrow) or None, overrides)
-        progress: LiveProgress | LineProgress | None = None
-        if not as_json:
-            progress = (LiveProgress(err.console, [h.name for h in the_plan.hosts],
-                                     len(the_plan.runbook.steps), dry_run)
-                        if err.is_terminal else LineProgress(err.file, dry_run))
-        store = app.open_store(settings)
-    try:
+            settings = state.settings
+            the_plan = prepare(settings, runbook, inventory, list(narrow) or None, overrides)
+            # The first hosts' handshakes go on while the rest of the run loads and the store
+            # opens; nothing runs on a host before its step is recorded (transports.predial).
+            dialing = closing.enter_context(Predial(
+                the_plan.first_hosts(), lambda host: open_transport(host, settings.ssh)))
+            from maintenancebot import app, views
+            from maintenancebot.progress import LineProgress, LiveProgress
+
+            progress: LiveProgress | LineProgress | None = None
+            if not as_json:
+                progress = (LiveProgress(err.console, [h.name for h in the_plan.hosts],
+                                         len(the_plan.runbook.steps), dry_run)
+                            if err.is_terminal else LineProgress(err.file, dry_run))
+            store = app.open_store(settings)
+            closing.callback(store.close)
+
         def echo(line: str) -> None:  # approval requests, reminders, answers
             err.print(line, style="yellow", markup=False)
 
-        with _ctrl_c_stops_between_steps():
-            if progress is None:
-                outcome = app.execute(settings, the_plan, dry_run=dry_run, store=store,
-                                      notify=notify, wait=wait, approval_echo=echo)
-            else:
-                with progress:
-                    outcome = app.execute(settings, the_plan, dry_run=dry_run,
-                                          observer=progress, store=store, notify=notify,
-                                          wait=wait, approval_echo=echo)
+        with _ctrl_c_stops_between_steps(), nullcontext() if progress is None else progress:
+            outcome = app.execute(settings, the_plan, dry_run=dry_run, observer=progress,
+                                  store=store, notify=notify, wait=wait, approval_echo=echo,
+                                  transports=dialing.open)
         _print_run(views.run_document(store, outcome.run_id), as_json)
         if outcome.status is RunStatus.WAITING and not as_json:
             err.print(f"run {outcome.run_id} waits for approval (see `maintenancebot "
@@ -266,8 +271,6 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
                       style="yellow", markup=False)
         elif not as_json:
             _print_summary(store.get_run(outcome.run_id))
-    finally:
-        store.close()
     sys.exit(_RUN_EXIT[outcome.status])
 
 

@@ -1,4 +1,4 @@
-"""The daemon: decides *when* runbooks run; how they run is `app.prepare` + `app.execute`.
+"""The daemon: decides *when* runbooks run; how they run is `prepare` + `app.execute`.
 
 Owned here: the process — one daemon per state directory, one cron job per scheduled runbook
 (through `scheduling`), catching up on fires missed while it was down, reload on file change,

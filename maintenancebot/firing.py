@@ -26,6 +26,7 @@ from maintenancebot.engine import RunOutcome
 from maintenancebot.errors import ConfigError, MaintenanceBotError
 from maintenancebot.models import Settings, format_duration
 from maintenancebot.plan import Plan, build_plan
+from maintenancebot.prepare import prepare
 from maintenancebot.runcontrol import Event
 from maintenancebot.scheduling import fire_times_between
 from maintenancebot.states import RunStatus
@@ -180,7 +181,7 @@ class Firing:
         """The plan from the files as they are; if they are invalid now, from the last valid
         version (the run records which content it ran, by hash)."""
         try:
-            return app.prepare(self.settings, str(entry.path), None, None)
+            return prepare(self.settings, str(entry.path), None, None)
         except (ConfigError, OSError) as exc:
             inventory = self._catalog().inventory
             if inventory is None:

@@ -49,6 +49,11 @@ class Plan:
     def host(self, name: str) -> Host:
         return next(host for host in self.hosts if host.name == name)
 
+    def first_hosts(self) -> tuple[Host, ...]:
+        """The hosts a run starts at once: its first batch, up to `concurrency`."""
+        return tuple(self.host(name)
+                     for name in self.batches[0][:max(1, self.runbook.concurrency)])
+
 
 def build_plan(
     runbook: Runbook,

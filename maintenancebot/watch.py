@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maintenancebot import app
 from maintenancebot.errors import ConfigError, ConfigIssue
 from maintenancebot.inventory import ResolvedInventory, resolve_inventory
 from maintenancebot.loader import load_inventory, load_runbooks, validate_paths
 from maintenancebot.models import Runbook, Settings
 from maintenancebot.plan import RunbookSource
+from maintenancebot.prepare import runbook_source
 from maintenancebot.yamlsource import yaml_files_in
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def load_catalog(settings: Settings, previous: Catalog) -> Loaded:
     runbooks: dict[str, Accepted] = {}
     for name, (path, book) in valid.items():
         if _real(str(path)) not in bad:
-            runbooks[name] = Accepted(name, path, book, app.runbook_source(path))
+            runbooks[name] = Accepted(name, path, book, runbook_source(path))
     kept = []
     for name, old in previous.runbooks.items():
         if name not in runbooks and _real(str(old.path)) in bad:

@@ -14,6 +14,7 @@ from typing import Any
 from maintenancebot import app, views
 from maintenancebot.engine import RunOutcome
 from maintenancebot.models import Settings
+from maintenancebot.prepare import prepare
 from maintenancebot.runcontrol import Observer
 from maintenancebot.store import RunStore
 from maintenancebot.testing.fleet import Fleet
@@ -37,7 +38,7 @@ class Bench:
     def run(self, text: str, *, dry_run: bool = False, narrow: list[str] | None = None,
             observer: Observer | None = None, settings: Settings | None = None) -> RunOutcome:
         path = self.write_runbook(text)
-        plan = app.prepare(settings or self.settings, str(path), str(self.inventory), narrow)
+        plan = prepare(settings or self.settings, str(path), str(self.inventory), narrow)
         return app.execute(settings or self.settings, plan, dry_run=dry_run, observer=observer)
 
     def store(self) -> RunStore:

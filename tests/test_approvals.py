@@ -22,6 +22,7 @@ from maintenancebot import app
 from maintenancebot.daemon_http import render_metrics
 from maintenancebot.engine import RunOutcome
 from maintenancebot.models import Approvers, Settings
+from maintenancebot.prepare import prepare
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store_approvals import ApprovalRecord
 from maintenancebot.testing.fleet import Fleet
@@ -66,7 +67,7 @@ class Gate:
 
     def start(self, text: str, *, started_by: str = "bob", **kwargs: Any) -> None:
         path = self.bench.write_runbook(text)
-        plan = app.prepare(self.settings, str(path), str(self.bench.inventory), None)
+        plan = prepare(self.settings, str(path), str(self.bench.inventory), None)
 
         def go() -> None:
             self.outcome = app.execute(self.settings, plan, dry_run=False, started_by=started_by,

@@ -232,3 +232,16 @@ def test_loading_pauses_the_collector_and_freezes_what_it_loaded() -> None:
         assert not gc.isenabled(), "a collector that was off stays off"
     finally:
         gc.enable()
+
+
+def test_a_host_that_cannot_be_reached_is_reported_and_the_others_run(cli: Cli) -> None:
+    # The CLI dials the first hosts while the run sets up: a failed dial is the host's result.
+    cli.inventory.write_text(cli.fleet.inventory_yaml()
+                             + '  ghost: {address: "127.0.0.1", port: 9}\n')
+    cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
+    done = cli("run", "fine", "--json")
+    assert done.returncode == 1, done.stderr
+    hosts = {host["host"]: host for host in json.loads(done.stdout)["hosts"]}
+    ghost = hosts.pop("ghost")
+    assert ghost["status"] == "unreachable" and "refused" in ghost["error"]
+    assert {host["status"] for host in hosts.values()} == {"succeeded"}

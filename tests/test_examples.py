@@ -16,6 +16,7 @@ from maintenancebot.approvals import answer
 from maintenancebot.engine import RunOutcome
 from maintenancebot.loader import load_runbook
 from maintenancebot.models import Approvers, Settings
+from maintenancebot.prepare import prepare
 from maintenancebot.testing.demo import demo_inventory, seed
 from maintenancebot.testing.fleet import Fleet
 from tests.harness import tree_digest
@@ -50,7 +51,7 @@ def test_a_dry_run_of_each_example_changes_nothing_and_lists_every_step(
     fleet, settings, inventory = demo
     hosts_dir = fleet.workdir / "hosts"
     before = tree_digest(hosts_dir)
-    plan = app.prepare(settings, str(path), str(inventory), None)
+    plan = prepare(settings, str(path), str(inventory), None)
     outcome = app.execute(settings, plan, dry_run=True)
     assert tree_digest(hosts_dir) == before, "the dry-run changed a host"
     with app.open_store(settings) as store:
@@ -71,7 +72,7 @@ def test_rolling_restart_really_restarts_the_canary_and_records_it(
     demo: tuple[Fleet, Settings, Path]
 ) -> None:
     fleet, settings, inventory = demo
-    plan = app.prepare(settings, str(REPO / "runbooks/rolling-restart.yaml"), str(inventory), None)
+    plan = prepare(settings, str(REPO / "runbooks/rolling-restart.yaml"), str(inventory), None)
     outcome = app.execute(settings, plan, dry_run=False)
     assert str(outcome.status) == "succeeded"
     for host in plan.hosts:
@@ -94,7 +95,7 @@ def test_the_weekly_real_run_does_exactly_what_its_dry_run_listed(
 ) -> None:
     fleet, settings, inventory = demo
     # This machine's apt stands behind every demo host: never patch it from a test.
-    plan = app.prepare(settings, str(REPO / "runbooks/weekly-maintenance.yaml"), str(inventory),
+    plan = prepare(settings, str(REPO / "runbooks/weekly-maintenance.yaml"), str(inventory),
                        None, {"apply_patches": False})
     dry = _facts(settings, app.execute(settings, plan, dry_run=True).run_id)
     # The last demo host has a pending reboot: the gated reboot parks it, and on-call says no.

@@ -105,3 +105,17 @@ def test_a_run_imports_only_the_actions_it_names() -> None:
                             check=True).stdout.split()
     actions = {p.stem for p in (PACKAGE / "actions").glob("[a-z]*.py")}
     assert actions & set(loaded) == {"service"}
+
+
+def test_preparing_a_plan_loads_nothing_that_a_run_needs_only_later() -> None:
+    # The CLI opens the first connections once the plan exists (transports.predial), and what
+    # loads after that overlaps the handshakes: the store, the engine, the reporting.
+    import subprocess
+    import sys
+
+    code = "import sys, maintenancebot.prepare; print(' '.join(sys.modules))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())
+    later = {"maintenancebot.app", "maintenancebot.store", "maintenancebot.engine",
+             "maintenancebot.reporting", "maintenancebot.transports.ssh", "sqlite3"}
+    assert "maintenancebot.plan" in loaded and not loaded & later, loaded & later

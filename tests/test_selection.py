@@ -4,8 +4,8 @@ import pytest
 
 from maintenancebot.errors import SelectionError
 from maintenancebot.inventory import resolve_inventory
-from maintenancebot.models import Inventory
-from maintenancebot.plan import split_batches
+from maintenancebot.models import Inventory, Runbook
+from maintenancebot.plan import RunbookSource, build_plan, split_batches
 
 INVENTORY = Inventory.model_validate({
     "defaults": {"user": "maint", "sudo": True, "vars": {"tier": "default"}},
@@ -62,3 +62,16 @@ def test_batches_put_a_canary_first_and_repeat_the_last_size() -> None:
     assert [len(b) for b in split_batches(hosts, [1, "25%", "100%"])] == [1, 3, 6]
     assert [len(b) for b in split_batches(hosts, [4])] == [4, 4, 2]
     assert split_batches(hosts, None) == (tuple(hosts),)
+
+
+@pytest.mark.parametrize(("concurrency", "batches", "first"), [
+    (10, None, ["web-01", "web-02", "web-03"]),  # every host at once
+    (2, None, ["web-01", "web-02"]),  # no more than run at once
+    (10, [1, "100%"], ["web-01"]),  # a canary starts alone
+])
+def test_the_first_hosts_are_those_a_run_starts_at_once(
+        concurrency: int, batches: list[int | str] | None, first: list[str]) -> None:
+    runbook = Runbook.model_validate({"name": "t", "hosts": "web", "concurrency": concurrency,
+                                      "batches": batches, "steps": [{"name": "s", "run": "true"}]})
+    plan = build_plan(runbook, FLEET, RunbookSource.from_text(None, b""))
+    assert [host.name for host in plan.first_hosts()] == first

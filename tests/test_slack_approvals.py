@@ -30,6 +30,7 @@ from maintenancebot.engine import RunOutcome
 from maintenancebot.models import Approvers, Settings, SlackSettings
 from maintenancebot.notify.slack_actions import SlackInbound, SlackSetupError
 from maintenancebot.notify.slack_approvals import SlackApprovals
+from maintenancebot.prepare import prepare
 from maintenancebot.redact import Redactor
 from maintenancebot.states import RunStatus
 from maintenancebot.store import RunStore
@@ -500,7 +501,7 @@ def test_a_click_in_slack_resumes_a_parked_run_on_real_hosts(
             slack=SlackSettings(channel="C0MAINT", base_url=slack.url + "api/",
                                 interactivity_listen="127.0.0.1:0"))
         runbook = bench.write_runbook(with_planted_secret(gated("5m")))
-        plan = app.prepare(settings, str(runbook), str(bench.inventory), None)
+        plan = prepare(settings, str(runbook), str(bench.inventory), None)
         runner = threading.Thread(target=lambda: outcome.append(app.execute(
             settings, plan, dry_run=False, started_by="alice")))
         runner.start()
