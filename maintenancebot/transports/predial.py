@@ -30,6 +30,15 @@ class Predial:
         self._open_transport = open_transport
         self._lock = threading.Lock()
         self._dialing = {host.name: _Dialing(open_transport(host)) for host in hosts}
+        # Starting a thread waits until it runs, which under the handshakes' GIL contention
+        # is a switch interval each: a thread of its own starts them, not the caller's.
+        threading.Thread(target=self._start, args=(list(self._dialing.values()),),
+                         name="predial", daemon=True).start()
+
+    @staticmethod
+    def _start(dials: list[_Dialing]) -> None:
+        for dialing in dials:
+            dialing.start()
 
     def open(self, host: Host) -> Transport:
         """A `TransportFactory`: the connection already opening for `host`, if any."""
@@ -58,7 +67,7 @@ class Predial:
 
 
 class _Dialing:
-    """A `Transport` whose `connect()` began in a thread of its own when it was made."""
+    """A `Transport` whose `connect()` runs in a thread of its own from `start()` on."""
 
     def __init__(self, transport: Transport) -> None:
         self.host = transport.host
@@ -68,6 +77,11 @@ class _Dialing:
         self._done = threading.Event()
         self._closed = False
         self._error: Exception | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:  # closed before its turn came: never dialed at all
+                return
         threading.Thread(target=self._dial, name=f"dial {self.host.name}", daemon=True).start()
 
     def _dial(self) -> None:
