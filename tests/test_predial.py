@@ -11,7 +11,7 @@ from maintenancebot.errors import ConnectError
 from maintenancebot.models import Host
 from maintenancebot.testing.fleet import Fleet
 from maintenancebot.transports.base import Command, Transport
-from maintenancebot.transports.predial import Predial
+from maintenancebot.transports.predial import Predial, _Dialing
 from maintenancebot.transports.ssh import SshTransport
 from tests.test_transports import wait_until
 
@@ -66,22 +66,34 @@ def test_a_failed_dial_is_raised_by_connect_as_a_fresh_connection_raises_it_and_
 
 
 def test_closing_during_a_handshake_does_not_wait_and_closes_it_once_open(fleet: Fleet) -> None:
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
 
     class Held(SshTransport):  # a handshake still going: held until the test lets it go
         def connect(self) -> None:
+            entered.set()
             assert gate.wait(30)
             super().connect()
 
     host = fleet.host(fleet.names[1])
     logins = fleet.logins(host.name)
     dialing = Predial([host], lambda h: Held(h, fleet.ssh_settings))
+    assert entered.wait(10)
     started = time.monotonic()
     dialing.close()
     assert time.monotonic() - started < 1, "close() waited for the handshake"
     gate.set()
     assert wait_until(lambda: fleet.logins(host.name) - logins == 1), "the dial went through"
     assert wait_until(lambda: fleet.connections(host.name) == 0), "and was closed at once"
+
+
+def test_a_dial_closed_before_its_turn_never_connects(fleet: Fleet) -> None:
+    host = fleet.host(fleet.names[2])
+    logins = fleet.logins(host.name)
+    dial = _Dialing(SshTransport(host, fleet.ssh_settings))  # its turn has not come yet
+    dial.close()
+    dial.start()  # the turn comes after all
+    time.sleep(0.5)
+    assert fleet.logins(host.name) == logins and fleet.connections(host.name) == 0
 
 
 def test_a_different_host_under_a_pre_dialed_name_gets_its_own_connection(fleet: Fleet) -> None:
