@@ -86,14 +86,30 @@ def test_closing_during_a_handshake_does_not_wait_and_closes_it_once_open(fleet:
     assert wait_until(lambda: fleet.connections(host.name) == 0), "and was closed at once"
 
 
-def test_a_dial_closed_before_its_turn_never_connects(fleet: Fleet) -> None:
+def test_a_dial_closed_before_it_began_never_connects(fleet: Fleet) -> None:
     host = fleet.host(fleet.names[2])
     logins = fleet.logins(host.name)
-    dial = _Dialing(SshTransport(host, fleet.ssh_settings))  # its turn has not come yet
+    go = threading.Event()
+    dial = _Dialing(SshTransport(host, fleet.ssh_settings), go)  # started, waiting for `go`
     dial.close()
-    dial.start()  # the turn comes after all
+    go.set()
     time.sleep(0.5)
     assert fleet.logins(host.name) == logins and fleet.connections(host.name) == 0
+
+
+def test_if_making_a_transport_fails_the_ones_made_before_never_connect(fleet: Fleet) -> None:
+    first, second = fleet.hosts[:2]
+    logins = fleet.logins(first.name)
+
+    def factory(host: Host) -> Transport:
+        if host.name == second.name:
+            raise RuntimeError("no transport for this one")
+        return SshTransport(host, fleet.ssh_settings)
+
+    with pytest.raises(RuntimeError):
+        Predial([first, second], factory)
+    time.sleep(0.5)
+    assert fleet.logins(first.name) == logins and fleet.connections(first.name) == 0
 
 
 def test_a_different_host_under_a_pre_dialed_name_gets_its_own_connection(fleet: Fleet) -> None:
