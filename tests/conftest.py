@@ -13,6 +13,7 @@ import pytest
 
 from maintenancebot.testing.fleet import Fleet
 from tests.daemon_world import clock, world  # noqa: F401 -- the daemon tests' fixtures
+from tests.slack_desk import desk  # noqa: F401 -- the Slack tests' open approval request
 
 
 @pytest.fixture(scope="session")

@@ -1,23 +1,15 @@
 """Approvals in Slack with the real `slack_sdk`: the request message, its reminder and its
-outcome against a local stand-in for the Web API; the daemon's interactivity endpoint fed the
-same signed form posts Slack sends; and Socket Mode against a local WebSocket server.
+outcome against a local stand-in for the Web API; Socket Mode against a local WebSocket server;
+and a click that resumes a parked run on real hosts (the HTTP endpoint: test_slack_endpoint).
 
 Requests are opened straight in a real store (no SSH): what is tested here is Slack's side.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
 
@@ -25,7 +17,6 @@ import pytest
 from websockets.sync.server import ServerConnection, serve
 
 from maintenancebot import app
-from maintenancebot.daemon import Daemon
 from maintenancebot.engine import RunOutcome
 from maintenancebot.models import Approvers, Settings, SlackSettings
 from maintenancebot.notify.slack_actions import SlackInbound, SlackSetupError
@@ -33,61 +24,22 @@ from maintenancebot.notify.slack_approvals import SlackApprovals
 from maintenancebot.prepare import prepare
 from maintenancebot.redact import Redactor
 from maintenancebot.states import RunStatus
-from maintenancebot.store import RunStore
 from maintenancebot.testing.fleet import Fleet
 from tests.harness import Bench
 from tests.httpfakes import FakeServer, Recorded, Reply, fake_server, slack_ok
+from tests.slack_desk import (
+    APP_TOKEN,
+    APPROVER,
+    BOT_TOKEN,
+    MESSAGE_TS,
+    PLANTED,
+    SIGNING_SECRET,
+    Desk,
+    click_payload,
+    post,
+    signed,
+)
 from tests.test_approvals import fresh_roots, gated
-
-BOT_TOKEN = "xoxb-111111111111-2222222222222-AbCdEfGhIjKlMnOpQrStUvWx"
-APP_TOKEN = "xapp-1-A0123-4567-abcdefabcdef0123456789"
-SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
-PLANTED = "Pl4nted-Db-Secret-77"  # a known secret value (as an `env:` host var resolves to)
-APPROVER, OTHER_APPROVER, STRANGER = "UAPPROVE1", "UAPPROVE2", "USTRANGER"
-MESSAGE_TS = "1700000000.000100"
-
-
-@dataclass
-class Desk:
-    """A run with one open approval request for two hosts, in a real store."""
-
-    store: RunStore
-    settings: Settings
-    request: int
-    run_id: str
-
-
-def open_request(tmp: Path, slack: FakeServer | None = None, *, quorum: int = 1,
-                 **slack_options: Any) -> Desk:
-    settings = Settings(
-        state_dir=str(tmp), approvers=Approvers(cli=["alice"], slack=[APPROVER, OTHER_APPROVER]),
-        slack=SlackSettings(channel="C0MAINT", base_url=(slack.url if slack else
-                                                         "http://127.0.0.1:9/") + "api/",
-                            **slack_options))
-    store = RunStore(tmp / "maintenancebot.db")  # no redactor: the notifier must mask alone
-    run_id = "20261123T090000-abc123"
-    store.create_run(run_id, runbook="weekly", runbook_path=None, runbook_hash=None,
-                     dry_run=False, started_by="alice", selection=None,
-                     hosts=[("web-1", "127.0.0.2"), ("web-2", "127.0.0.3")])
-    now = datetime.now(UTC)
-    request = store.open_approval(
-        run_id=run_id, runbook="weekly", step_index=2, step_name="reboot", quorum=quorum,
-        on_deny="skip", started_by="alice", rollback="systemctl start nginx",
-        deadline=now + timedelta(hours=1), remind_at=now + timedelta(minutes=45),
-        hosts=[{"host": name, "step_row": None, "digest": f"d-{name}",
-                "command": f"mysql -p{PLANTED} -e 'flush' && echo password=hunter2222 && "
-                           "systemctl reboot",
-                "why": {"flag": {"stdout": "yes", "rc": 0}},
-                "preview": {"summary": "reboots the host", "data": {}}}
-               for name in ("web-1", "web-2")])
-    return Desk(store, settings, request, run_id)
-
-
-@pytest.fixture
-def desk(tmp_path: Path) -> Iterator[Desk]:
-    made = open_request(tmp_path)
-    yield made
-    made.store.close()
 
 
 def notifier(desk: Desk, server: FakeServer, *, own_store: bool = True) -> SlackApprovals:
@@ -102,6 +54,7 @@ def notifier(desk: Desk, server: FakeServer, *, own_store: bool = True) -> Slack
 
 def all_text(payload: Any) -> str:
     return json.dumps(payload)
+
 
 
 # ------------------------------------------------------------------------------ the message
@@ -171,214 +124,6 @@ def test_a_slack_failure_is_a_notify_error_without_the_token(desk: Desk) -> None
           pytest.raises(NotifyError, match="channel_not_found") as raised):
         notifier(desk, server).opened(desk.store.get_approval(desk.request))
     assert BOT_TOKEN not in str(raised.value)
-
-
-# ------------------------------------------------------------------------------ the endpoint
-
-
-def click_payload(request: int, user: str, response_url: str, action: str = "approve") -> dict[
-        str, Any]:
-    """A block_actions payload as Slack sends it for a button in a channel message."""
-    return {
-        "type": "block_actions", "user": {"id": user, "username": "someone", "team_id": "T1"},
-        "api_app_id": "A0123", "token": "verification-token-unused",
-        "container": {"type": "message", "message_ts": MESSAGE_TS, "channel_id": "C0MAINT",
-                      "is_ephemeral": False},
-        "trigger_id": "123.456.abc", "team": {"id": "T1", "domain": "example"},
-        "enterprise": None, "is_enterprise_install": False,
-        "channel": {"id": "C0MAINT", "name": "maintenance"},
-        "message": {"type": "message", "ts": MESSAGE_TS, "text": "Approval needed"},
-        "state": {"values": {}}, "response_url": response_url,
-        "actions": [{"action_id": action, "block_id": f"approval-{request}",
-                     "text": {"type": "plain_text", "text": action.title()},
-                     "value": str(request), "type": "button", "action_ts": "1700000001.0002"}],
-    }
-
-
-def signed(payload: dict[str, Any], *, secret: str = SIGNING_SECRET,
-           stamp: int | None = None) -> tuple[bytes, dict[str, str]]:
-    body = urllib.parse.urlencode({"payload": json.dumps(payload)})
-    when = str(int(time.time()) if stamp is None else stamp)
-    digest = hmac.new(secret.encode(), f"v0:{when}:{body}".encode(), hashlib.sha256).hexdigest()
-    return body.encode(), {"X-Slack-Request-Timestamp": when, "X-Slack-Signature": f"v0={digest}",
-                           "Content-Type": "application/x-www-form-urlencoded"}
-
-
-def post(address: tuple[str, int], body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://{address[0]}:{address[1]}/slack/actions",
-                                     data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-@dataclass
-class Endpoint:
-    desk: Desk
-    slack: FakeServer
-    inbound: SlackInbound
-
-    @property
-    def address(self) -> tuple[str, int]:
-        address = self.inbound.http_address
-        assert address is not None
-        return address
-
-    def click(self, user: str = APPROVER, action: str = "approve",
-              **sign: Any) -> tuple[int, str]:
-        payload = click_payload(self.desk.request, user, self.slack.url + "actions/T1/1/hook",
-                                action)
-        return post(self.address, *signed(payload, **sign))
-
-    def refusals(self, action: str = "slack.refused") -> list[dict[str, Any]]:
-        return [r.details for r in self.desk.store.audit_log() if r.action == action]
-
-    def wait_for_slack(self, count: int) -> list[Recorded]:
-        deadline = time.monotonic() + 10
-        while len(self.slack.requests) < count and time.monotonic() < deadline:
-            time.sleep(0.02)  # the note follows the acknowledgement, on the handler's thread
-        return self.slack.requests
-
-
-@pytest.fixture
-def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
-    with fake_server([slack_ok()]) as slack:
-        desk = open_request(tmp_path, slack, interactivity_listen="127.0.0.1:0")
-        inbound = SlackInbound.start(desk.settings, desk.store, environ={
-            "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_BOT_TOKEN": BOT_TOKEN})
-        assert inbound is not None
-        try:
-            yield Endpoint(desk, slack, inbound)
-        finally:
-            inbound.close()
-            desk.store.close()
-
-
-def test_a_signed_click_from_an_approver_records_the_answer(endpoint: Endpoint) -> None:
-    assert endpoint.click() == (200, "ok\n")
-    record = endpoint.desk.store.get_approval(endpoint.desk.request)
-    assert record.status == "closed"
-    for host in record.hosts:
-        assert (host.decision, host.decided_by, host.channel) == ("approved", APPROVER, "slack")
-    assert [(v.voter, v.channel, v.vote) for v in record.votes] == [
-        (APPROVER, "slack", "approve")] * 2
-    (note,) = endpoint.wait_for_slack(1)
-    assert note.path == "/api/chat.postMessage"
-    assert note.json()["thread_ts"] == MESSAGE_TS
-    assert f"<@{APPROVER}> approved request {endpoint.desk.request}" in note.json()["text"]
-    assert not endpoint.refusals()
-
-
-def test_a_deny_click_denies_every_waiting_host(endpoint: Endpoint) -> None:
-    assert endpoint.click(action="deny")[0] == 200
-    record = endpoint.desk.store.get_approval(endpoint.desk.request)
-    assert {h.decision for h in record.hosts} == {"denied"}
-
-
-def test_a_forged_signature_is_refused_and_recorded(endpoint: Endpoint) -> None:
-    status, body = endpoint.click(secret="not-the-signing-secret")
-    assert (status, body) == (401, "refused: bad signature\n")
-    assert [r["reason"] for r in endpoint.refusals()] == ["bad signature"]
-    assert endpoint.desk.store.get_approval(endpoint.desk.request).votes == ()
-
-
-def test_a_stale_timestamp_is_refused_and_recorded(endpoint: Endpoint) -> None:
-    status, body = endpoint.click(stamp=int(time.time()) - 6 * 60)
-    assert status == 401 and "stale timestamp" in body
-    (refusal,) = endpoint.refusals()
-    assert refusal["reason"].startswith("stale timestamp") and refusal["via"] == "http"
-    assert endpoint.desk.store.get_approval(endpoint.desk.request).votes == ()
-
-
-def test_a_replayed_delivery_is_refused_and_recorded(endpoint: Endpoint) -> None:
-    body, headers = signed(click_payload(endpoint.desk.request, APPROVER,
-                                         endpoint.slack.url + "actions/T1/1/hook", "deny"))
-    assert post(endpoint.address, body, headers)[0] == 200
-    assert post(endpoint.address, body, headers) == (
-        409, "refused: replay: this signed delivery was seen before\n")
-    assert [r["reason"] for r in endpoint.refusals()] == [
-        "replay: this signed delivery was seen before"]
-    assert len(endpoint.desk.store.get_approval(endpoint.desk.request).votes) == 2  # 1 click
-
-
-def test_an_unsigned_post_is_refused_and_recorded(endpoint: Endpoint) -> None:
-    body, _ = signed(click_payload(endpoint.desk.request, APPROVER, "http://127.0.0.1:9/"))
-    assert post(endpoint.address, body, {})[0] == 401
-    assert "unsigned" in endpoint.refusals()[0]["reason"]
-
-
-def test_a_click_from_someone_not_an_approver_is_refused_and_recorded(
-        endpoint: Endpoint) -> None:
-    assert endpoint.click(user=STRANGER) == (200, "refused\n")
-    record = endpoint.desk.store.get_approval(endpoint.desk.request)
-    assert record.status == "open" and record.votes == ()
-    (refusal,) = endpoint.refusals("approval.refused")
-    assert refusal["channel"] == "slack" and "not an approver" in refusal["why"]
-    (reply,) = endpoint.wait_for_slack(1)  # told privately, through the response_url
-    assert reply.path == "/actions/T1/1/hook"
-    assert reply.json()["response_type"] == "ephemeral"
-    assert reply.json()["replace_original"] is False
-    assert "not an approver" in reply.json()["text"]
-
-
-def test_a_click_on_a_closed_request_keeps_the_first_answer(endpoint: Endpoint) -> None:
-    assert endpoint.click(action="deny")[0] == 200
-    assert endpoint.click(user=OTHER_APPROVER) == (200, "refused\n")
-    record = endpoint.desk.store.get_approval(endpoint.desk.request)
-    assert {(h.decision, h.decided_by) for h in record.hosts} == {("denied", APPROVER)}
-    (refusal,) = endpoint.refusals("approval.refused")
-    assert "already closed" in refusal["why"]
-    requests = endpoint.wait_for_slack(2)
-    assert "already closed" in requests[1].json()["text"]
-
-
-def test_no_secret_reaches_the_log_or_the_store(endpoint: Endpoint,
-                                               caplog: pytest.LogCaptureFixture) -> None:
-    endpoint.click(secret="forged")
-    endpoint.click()
-    endpoint.wait_for_slack(1)
-    database = (Path(endpoint.desk.settings.state_dir) / "maintenancebot.db").read_bytes()
-    for secret in (SIGNING_SECRET, BOT_TOKEN):
-        assert secret not in caplog.text
-        assert secret.encode() not in database
-        assert secret.encode() not in endpoint.slack.all_bytes().replace(
-            f"Bearer {BOT_TOKEN}".encode(), b"")
-
-
-def test_the_endpoint_needs_the_signing_secret(tmp_path: Path) -> None:
-    desk = open_request(tmp_path, interactivity_listen="127.0.0.1:0")
-    with pytest.raises(SlackSetupError, match="SLACK_SIGNING_SECRET"):
-        SlackInbound.start(desk.settings, desk.store, environ={"SLACK_BOT_TOKEN": BOT_TOKEN})
-    desk.store.close()
-
-
-def test_the_daemon_serves_the_endpoint_while_it_runs(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLACK_SIGNING_SECRET", SIGNING_SECRET)
-    monkeypatch.delenv("SLACK_BOT_TOKEN", raising=False)
-    (tmp_path / "runbooks").mkdir()
-    with fake_server([Reply(200, "ok")]) as slack:
-        desk = open_request(tmp_path, slack,
-                            interactivity_listen="127.0.0.1:0")
-        desk.store.close()
-        settings = desk.settings.model_copy(update={"runbooks": str(tmp_path / "runbooks")})
-        daemon = Daemon(settings)
-        daemon.start()
-        try:
-            assert daemon.slack_inbound is not None
-            address = daemon.slack_inbound.http_address
-            assert address is not None
-            payload = click_payload(desk.request, APPROVER, slack.url + "hook")
-            assert post(address, *signed(payload)) == (200, "ok\n")
-            decisions = {h.decision for h in daemon.store.get_approval(desk.request).hosts}
-            assert decisions == {"approved"}
-        finally:
-            daemon.stop("test")
-        assert daemon.slack_inbound is None
-        with pytest.raises(OSError):
-            post(address, *signed(payload))
 
 
 # ------------------------------------------------------------------------------ Socket Mode
