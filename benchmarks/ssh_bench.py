@@ -35,12 +35,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.delay_proxy import DelayProxy
+from maintenancebot.models import Host
 from maintenancebot.testing.fleet import Fleet
 
 BIN = Path(sys.executable).parent
@@ -356,6 +360,31 @@ def netem_unsupported() -> str | None:
     return probe.stderr.strip() or f"exit {probe.returncode}"
 
 
+class DelayedFleet:
+    """The fleet as seen through a `DelayProxy`: the same hosts on the proxy's ports, with a
+    known_hosts that names them there. Everything else is the fleet's own."""
+
+    def __init__(self, fleet: Fleet, ports: dict[str, int], work: Path) -> None:
+        self._fleet = fleet
+        self._ports = ports
+        self.known_hosts = work / "known_hosts-delayed"
+        lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1]
+                 for line in fleet.known_hosts.read_text().splitlines() if line.strip()}
+        self.known_hosts.write_text("".join(
+            f"[{host.address}]:{ports[name]} {lines[f'[{host.address}]:{host.port}']}\n"
+            for name in ports for host in (fleet.host(name),)))
+
+    def host(self, name: str) -> Host:
+        return self._fleet.host(name).model_copy(update={"port": self._ports[name]})
+
+    def config_yaml(self, state_dir: Path, **paths: Path) -> str:
+        return self._fleet.config_yaml(state_dir, **paths).replace(
+            json.dumps(str(self._fleet.known_hosts)), json.dumps(str(self.known_hosts)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fleet, name)
+
+
 def enter_delayed_netns(latency_ms: float, argv: Sequence[str]) -> int:
     """Re-run this script in a new network namespace whose loopback delays every packet by
     latency_ms / 2, so that a round trip (all hosts are on lo there) costs latency_ms."""
@@ -376,9 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="host counts to measure (default: 10 50)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool (default 5)")
     parser.add_argument("--latency", type=float, default=0.0, metavar="MS",
-                        help="add MS of round-trip time between controller and hosts with tc "
-                             "netem on loopback, in a private network namespace; refused with "
-                             "the reason where the kernel has no netem")
+                        help="add MS of round-trip time between controller and hosts: with tc "
+                             "netem on loopback in a private network namespace, or, where the "
+                             "kernel has no netem, through a proxy that delays each direction "
+                             "(benchmarks/delay_proxy.py)")
     parser.add_argument("--tools", nargs="+", default=["pyinfra", "ansible"],
                         choices=["pyinfra", "ansible", "none"],
                         help="optional tools to compare against, when installed (default: both; "
@@ -389,14 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the fleet and files here")
     args = parser.parse_args(argv)
 
+    no_netem = None
     if args.latency > 0 and not os.environ.get(_NETNS_FLAG):
-        reason = netem_unsupported()
-        if reason is not None:
-            print(f"--latency is unsupported on this kernel: tc netem failed ({reason}). "
-                  "Nothing was measured; run without --latency, or on a kernel with "
-                  "CONFIG_NET_SCH_NETEM.", file=sys.stderr)
-            return 2
-        return enter_delayed_netns(args.latency, [str(Path(__file__).resolve()), *argv])
+        no_netem = netem_unsupported()
+        if no_netem is None:
+            return enter_delayed_netns(args.latency, [str(Path(__file__).resolve()), *argv])
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix="mb-bench-"))
     # An installed package has its bytecode (pip compiles it, as it did pyinfra's and
@@ -404,10 +431,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every start (~0.1 s) and measure the checkout, not the tool.
     compileall.compile_dir(REPO / "maintenancebot", quiet=1)
     print(machine_line())
-    if args.latency:
+    if args.latency and no_netem is None:
         print(f"latency: +{args.latency:g} ms round trip (netem on lo, private network namespace)")
+    elif args.latency:
+        print(f"latency: +{args.latency:g} ms round trip through benchmarks/delay_proxy.py (no "
+              f"netem here: {no_netem}); the proxy's CPU is on the same cores")
     results: dict[int, dict[str, list[Sample]]] = {}
-    with Fleet(base / "fleet", max(args.hosts), prefix="bench") as fleet:
+    with Fleet(base / "fleet", max(args.hosts), prefix="bench") as real_fleet, ExitStack() as stack:
+        fleet: Any = real_fleet
+        if args.latency and no_netem is not None:
+            proxy = stack.enter_context(DelayProxy(
+                {name: (real_fleet.host(name).address, real_fleet.host(name).port)
+                 for name in real_fleet.names}, args.latency / 2000))
+            fleet = DelayedFleet(real_fleet, proxy.ports, base)
         for n in args.hosts:
             print(f"measuring {n} hosts ...", flush=True)
             tools = set(args.tools)
