@@ -27,14 +27,10 @@ from maintenancebot.store import HostsBusy, RunRecord, RunStore, new_run_id
 from maintenancebot.transports import open_transport
 from maintenancebot.transports.base import TransportFactory
 
-DB_NAME = "maintenancebot.db"
-
 
 def open_store(settings: Settings) -> RunStore:
     """The run store, with runs left behind by a dead process marked interrupted."""
-    store = RunStore(Path(settings.state_dir).expanduser() / DB_NAME)
-    store.reap_interrupted()
-    return store
+    return RunStore.of_state_dir(settings.state_dir)
 
 
 def execute(

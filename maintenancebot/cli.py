@@ -237,15 +237,19 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
     with ExitStack() as closing:
         with _loading():
             from maintenancebot.prepare import prepare
+            from maintenancebot.store import RunStore
             from maintenancebot.transports import open_transport
             from maintenancebot.transports.predial import Predial
 
             settings = state.settings
             the_plan = prepare(settings, runbook, inventory, list(narrow) or None, overrides)
-            # The first hosts' handshakes go on while the rest of the run loads and the store
-            # opens; nothing runs on a host before its step is recorded (transports.predial).
+            store = closing.enter_context(RunStore.of_state_dir(settings.state_dir))
+            # The first hosts' handshakes go on while the rest of the run loads; nothing runs
+            # on a host before its step is recorded (transports.predial). With the kill switch
+            # on, no host is contacted at all: the run refuses every host, as it would anyway.
+            first = () if store.stop_state() is not None else the_plan.first_hosts()
             dialing = closing.enter_context(Predial(
-                the_plan.first_hosts(), lambda host: open_transport(host, settings.ssh)))
+                first, lambda host: open_transport(host, settings.ssh)))
             from maintenancebot import app, views
             from maintenancebot.progress import LineProgress, LiveProgress
 
@@ -254,8 +258,6 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
                 progress = (LiveProgress(err.console, [h.name for h in the_plan.hosts],
                                          len(the_plan.runbook.steps), dry_run)
                             if err.is_terminal else LineProgress(err.file, dry_run))
-            store = app.open_store(settings)
-            closing.callback(store.close)
 
         def echo(line: str) -> None:  # approval requests, reminders, answers
             err.print(line, style="yellow", markup=False)

@@ -62,6 +62,8 @@ STOP_READ_SECONDS = 0.1
 
 Redact = Callable[[str], str]
 
+DB_NAME = "maintenancebot.db"  # in the state directory
+
 # ----------------------------------------------------------------------------------- store
 
 
@@ -69,6 +71,14 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
     """Thread-safe: the engine's host threads share one connection behind one lock.
 
     The mixins' tables share its connection and its rules (see the module's docstring)."""
+
+    @classmethod
+    def of_state_dir(cls, state_dir: str | Path) -> RunStore:
+        """The store of a state directory, with runs left behind by a dead process marked
+        interrupted."""
+        store = cls(Path(state_dir).expanduser() / DB_NAME)
+        store.reap_interrupted()
+        return store
 
     def __init__(self, path: Path | str, redact: Redact | None = None) -> None:
         self.path = Path(path)

@@ -124,9 +124,12 @@ def test_history_and_show_read_back_a_run(cli: Cli) -> None:
 def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
     cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
     assert cli("stop", "--reason", "change freeze").returncode == 0
+    logins = {name: cli.fleet.logins(name) for name in cli.fleet.names}
     stopped = cli("run", "fine", "--json")
     assert stopped.returncode == 3
     assert "change freeze" in json.loads(stopped.stdout)["reason"]
+    # Not even a connection: during a freeze no host's auth log shows the bot.
+    assert {name: cli.fleet.logins(name) for name in cli.fleet.names} == logins
     assert cli("resume").returncode == 0
     assert cli("run", "fine").returncode == 0
 

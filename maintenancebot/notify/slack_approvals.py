@@ -253,8 +253,7 @@ def _notice_saver(settings: Settings,
         return store.set_approval_notice
 
     def save(request: int, notice: dict[str, Any]) -> None:
-        from maintenancebot.app import DB_NAME
-        from maintenancebot.store import RunStore
+        from maintenancebot.store import DB_NAME, RunStore
 
         with RunStore(Path(settings.state_dir).expanduser() / DB_NAME) as own:
             own.set_approval_notice(request, notice)
