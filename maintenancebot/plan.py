@@ -51,8 +51,8 @@ class Plan:
 
     def first_hosts(self) -> tuple[Host, ...]:
         """The hosts a run starts at once: its first batch, up to `concurrency`."""
-        return tuple(self.host(name)
-                     for name in self.batches[0][:max(1, self.runbook.concurrency)])
+        by_name = {host.name: host for host in self.hosts}
+        return tuple(by_name[name] for name in self.batches[0][:max(1, self.runbook.concurrency)])
 
 
 def build_plan(

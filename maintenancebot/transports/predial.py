@@ -77,8 +77,7 @@ class _Dialing:
         self.host = transport.host
         self._transport = transport
         self._lock = threading.Lock()
-        self._dialed = False
-        self._done = threading.Event()
+        self._done = threading.Event()  # the dial has ended, set under `_lock`
         self._closed = False
         self._error: Exception | None = None
         threading.Thread(target=self._dial, args=(go,), name=f"dial {self.host.name}",
@@ -95,9 +94,8 @@ class _Dialing:
             self._error = exc
         finally:
             with self._lock:
-                self._dialed = True
+                self._done.set()
                 closed = self._closed
-            self._done.set()
             if closed:  # closed while dialing: the connection that just opened is nobody's
                 self._transport.close()
 
@@ -125,6 +123,6 @@ class _Dialing:
         """Never waits for a handshake: one still going is closed by its dial as it ends."""
         with self._lock:
             self._closed = True
-            if not self._dialed:
+            if not self._done.is_set():
                 return
         self._transport.close()
