@@ -378,8 +378,7 @@ class DelayedFleet:
         return self._fleet.host(name).model_copy(update={"port": self._ports[name]})
 
     def config_yaml(self, state_dir: Path, **paths: Path) -> str:
-        return self._fleet.config_yaml(state_dir, **paths).replace(
-            json.dumps(str(self._fleet.known_hosts)), json.dumps(str(self.known_hosts)))
+        return self._fleet.config_yaml(state_dir, known_hosts=self.known_hosts, **paths)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fleet, name)

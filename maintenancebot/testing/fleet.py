@@ -224,8 +224,9 @@ class Fleet:
         return "\n".join(lines) + "\n"
 
     def config_yaml(self, state_dir: Path, *, runbooks: Path | None = None,
-                    inventory: Path | None = None) -> str:
-        """A config file (DESIGN.md §4) pointing the bot at this fleet's keys."""
+                    inventory: Path | None = None, known_hosts: Path | None = None) -> str:
+        """A config file (DESIGN.md §4) pointing the bot at this fleet's keys (`known_hosts`:
+        another file naming the same keys, e.g. at a proxy's ports)."""
         q = json.dumps
         lines = [f"state_dir: {q(str(state_dir))}"]
         if runbooks is not None:
@@ -234,7 +235,7 @@ class Fleet:
             lines.append(f"inventory: {q(str(inventory))}")
         lines += [
             "ssh:",
-            f"  known_hosts: {q(str(self.known_hosts))}",
+            f"  known_hosts: {q(str(known_hosts or self.known_hosts))}",
             f"  identity_file: {q(str(self.client_key))}",
             f"  connect_timeout: {self.connect_timeout:g}s",
         ]
