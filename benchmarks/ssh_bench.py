@@ -367,12 +367,7 @@ class DelayedFleet:
     def __init__(self, fleet: Fleet, ports: dict[str, int], work: Path) -> None:
         self._fleet = fleet
         self._ports = ports
-        self.known_hosts = work / "known_hosts-delayed"
-        lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1]
-                 for line in fleet.known_hosts.read_text().splitlines() if line.strip()}
-        self.known_hosts.write_text("".join(
-            f"[{host.address}]:{ports[name]} {lines[f'[{host.address}]:{host.port}']}\n"
-            for name in ports for host in (fleet.host(name),)))
+        self.known_hosts = fleet.known_hosts_via(work / "known_hosts-delayed", ports)
 
     def host(self, name: str) -> Host:
         return self._fleet.host(name).model_copy(update={"port": self._ports[name]})

@@ -336,13 +336,21 @@ class Fleet:
             if pending:
                 time.sleep(0.01)
 
-    def _write_known_hosts(self, path: Path, override: dict[str, str | None]) -> None:
-        """known_hosts in OpenSSH's `[addr]:port` form; `override` swaps or (None) drops keys."""
+    def known_hosts_via(self, path: Path, ports: dict[str, int]) -> Path:
+        """A known_hosts naming each host at another port of its own address (a proxy's), with
+        the host's own key."""
+        self._write_known_hosts(path, {}, ports)
+        return path
+
+    def _write_known_hosts(self, path: Path, override: dict[str, str | None],
+                           ports: dict[str, int] | None = None) -> None:
+        """known_hosts in OpenSSH's `[addr]:port` form; `override` swaps or (None) drops keys,
+        `ports` names hosts at other ports."""
         lines = []
         for node in self._nodes.values():
             key = override.get(node.name, _public_key(node.home / "host_ed25519"))
             if key is not None:
-                lines.append(f"[{node.address}]:{node.port} {key}")
+                lines.append(f"[{node.address}]:{(ports or {}).get(node.name, node.port)} {key}")
         path.write_text("\n".join(lines) + "\n")
 
 
