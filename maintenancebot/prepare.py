@@ -2,8 +2,9 @@
 and the inventory, select and batch the hosts. Raises before anything runs and contacts nothing.
 
 Its own module, apart from `app`, because a run's first connections can open as soon as the plan
-exists (`transports.predial`): this imports only what validating and planning need, not the
-store, the engine or the reporting that load while the handshakes go on.
+exists and the store has said the kill switch is off (`transports.predial`): this imports only
+what validating and planning need, not the engine or the reporting that load while the
+handshakes go on.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ def test_a_run_imports_only_the_actions_it_names() -> None:
 
 def test_preparing_a_plan_loads_nothing_that_a_run_needs_only_later() -> None:
     # The CLI opens the first connections once the plan exists (transports.predial), and what
-    # loads after that overlaps the handshakes: the store, the engine, the reporting.
+    # loads after that overlaps the handshakes: the engine, the reporting. Nothing here needs
+    # the store or SSH either: validating a runbook opens neither.
     import subprocess
     import sys
 
