@@ -76,7 +76,7 @@ def resume(settings: Settings, store: RunStore, plan: Plan, run: RunRecord,
     store.set_redactor(redactor)
     guard_logs(redactor)
     holder = f"run {run.id}"
-    busy = store.acquire_hosts(_lease_keys(plan), holder, plan.runbook.name)
+    busy = store.acquire_hosts(plan.lease_keys(), holder, plan.runbook.name)
     if busy:
         return None
     try:
@@ -120,18 +120,13 @@ def host_leases(store: RunStore, plan: Plan, run_id: str, *, dry_run: bool) -> I
         yield
         return
     holder = f"run {run_id}"
-    busy = store.acquire_hosts(_lease_keys(plan), holder, plan.runbook.name)
+    busy = store.acquire_hosts(plan.lease_keys(), holder, plan.runbook.name)
     if busy:
         raise HostsBusy(busy)
     try:
         yield
     finally:
         store.release_hosts(holder)
-
-
-def _lease_keys(plan: Plan) -> list[str]:
-    # The runbook itself is leased too: it never runs twice at once, even on disjoint hosts.
-    return [host.name for host in plan.hosts] + [f"runbook {plan.runbook.name}"]
 
 
 def inventory_secrets(settings: Settings) -> list[Any]:

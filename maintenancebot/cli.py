@@ -245,9 +245,12 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
             the_plan = prepare(settings, runbook, inventory, list(narrow) or None, overrides)
             store = closing.enter_context(RunStore.of_state_dir(settings.state_dir))
             # The first hosts' handshakes go on while the rest of the run loads; nothing runs
-            # on a host before its step is recorded (transports.predial). With the kill switch
-            # on, no host is contacted at all: the run refuses every host, as it would anyway.
-            first = () if store.stop_state() is not None else the_plan.first_hosts()
+            # on a host before its step is recorded (transports.predial). A run that will not
+            # start contacts no host at all: not under the kill switch, and not while another
+            # run holds its hosts or runbook (a look only: the run still leases them itself).
+            refused = store.stop_state() is not None or (
+                not dry_run and store.busy_hosts(the_plan.lease_keys()))
+            first = () if refused else the_plan.first_hosts()
             dialing = closing.enter_context(Predial(
                 first, lambda host: open_transport(host, settings.ssh)))
             from maintenancebot import app, views

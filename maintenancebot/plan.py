@@ -54,6 +54,11 @@ class Plan:
         by_name = {host.name: host for host in self.hosts}
         return tuple(by_name[name] for name in self.batches[0][:max(1, self.runbook.concurrency)])
 
+    def lease_keys(self) -> list[str]:
+        """What a real run of this plan leases: its hosts, and the runbook itself, which never
+        runs twice at once, even on disjoint hosts."""
+        return [host.name for host in self.hosts] + [f"runbook {self.runbook.name}"]
+
 
 def build_plan(
     runbook: Runbook,

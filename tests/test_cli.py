@@ -134,6 +134,22 @@ def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
     assert cli("run", "fine").returncode == 0
 
 
+def test_a_run_whose_hosts_are_in_another_run_contacts_no_host(cli: Cli) -> None:
+    cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
+    held = cli.fleet.names[1]
+    with RunStore(cli.state / "maintenancebot.db") as store:  # a live run elsewhere holds one
+        assert store.acquire_hosts([held], "run other", "other") == {}
+        logins = {name: cli.fleet.logins(name) for name in cli.fleet.names}
+        refused = cli("run", "fine")
+        assert refused.returncode == 1
+        assert f"{held} (held by run other)" in refused.stderr
+        assert {name: cli.fleet.logins(name) for name in cli.fleet.names} == logins
+        # A dry-run only reads: it takes no lease, and goes ahead.
+        assert cli("plan", "fine").returncode == 0
+        store.release_hosts("run other")
+    assert cli("run", "fine").returncode == 0
+
+
 def test_kill_9_mid_run_leaves_an_interrupted_run_naming_the_step_in_flight(cli: Cli) -> None:
     cli.runbook("slow", """
         steps:
