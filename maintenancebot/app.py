@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from maintenancebot.approvals import ApprovalNotifier, LogNotifier
 from maintenancebot.engine import Engine, RunOutcome
-from maintenancebot.errors import ConfigError
+from maintenancebot.errors import ConfigError, HostsBusy
 from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory
 from maintenancebot.models import Settings
@@ -23,7 +23,7 @@ from maintenancebot.plan import Plan
 from maintenancebot.reporting import guard_logs, redactor_for, report_run
 from maintenancebot.runcontrol import Observer
 from maintenancebot.states import RunStatus
-from maintenancebot.store import HostsBusy, RunRecord, RunStore, new_run_id
+from maintenancebot.store import RunRecord, RunStore, new_run_id
 from maintenancebot.transports import open_transport
 from maintenancebot.transports.base import TransportFactory
 

@@ -1,7 +1,8 @@
 """The command line: the only module that prints for humans and chooses exit codes.
 
 Exit codes are a contract (DESIGN §8): 0 all good, 1 the run finished with failures, 2 bad input
-and nothing ran, 3 aborted (breaker, kill switch, timeout), 4 waiting for approval. Expected
+and nothing ran, 3 aborted (breaker, kill switch, timeout, hosts in another run), 4 waiting for
+approval. Expected
 errors print one clean line; anything else is a bug and keeps its traceback.
 """
 
@@ -25,6 +26,7 @@ import click
 from maintenancebot import __version__
 from maintenancebot.errors import (
     ConfigError,
+    HostsBusy,
     MaintenanceBotError,
     NotFound,
     SelectionError,
@@ -62,6 +64,9 @@ def _clean_errors(func: F) -> F:
         except (SelectionError, NotFound, TemplateError) as exc:
             err.print(f"error: {exc}", style="red", markup=False)
             sys.exit(EXIT_BAD_INPUT)
+        except HostsBusy as exc:  # refused, as under the kill switch: nothing ran, try later
+            err.print(f"error: {exc}", style="red", markup=False)
+            sys.exit(EXIT_ABORTED)
         except MaintenanceBotError as exc:
             err.print(f"error: {exc}", style="red", markup=False)
             sys.exit(EXIT_FAILED)
@@ -110,7 +115,8 @@ def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
 
     \b
     Exit codes: 0 all good, 1 finished with failures, 2 bad input (nothing ran),
-    3 aborted (circuit breaker, kill switch, timeout), 4 waiting for approval.
+    3 aborted (circuit breaker, kill switch, timeout, hosts held by another run),
+    4 waiting for approval.
     """
     # Warnings and errors always reach stderr; every record passes the run's redactor first.
     logging.basicConfig(stream=sys.stderr, level=max(logging.DEBUG, logging.WARNING - 10 * verbose),

@@ -36,6 +36,15 @@ class SelectionError(MaintenanceBotError):
     """A host pattern selected nothing, or named something the inventory lacks."""
 
 
+class HostsBusy(MaintenanceBotError):
+    """Hosts of a run are in another live run: nothing started (DESIGN §5, Overlap)."""
+
+    def __init__(self, busy: dict[str, str]) -> None:
+        self.busy = busy
+        super().__init__("hosts are in another run, nothing started: " + ", ".join(
+            f"{host} (held by {holder})" for host, holder in sorted(busy.items())))
+
+
 class TemplateError(MaintenanceBotError):
     """A template failed to render (undefined variable, sandbox violation, bad filter)."""
 

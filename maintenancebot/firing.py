@@ -23,14 +23,14 @@ from datetime import UTC, datetime, timedelta
 
 from maintenancebot import app
 from maintenancebot.engine import RunOutcome
-from maintenancebot.errors import ConfigError, MaintenanceBotError
+from maintenancebot.errors import ConfigError, HostsBusy, MaintenanceBotError
 from maintenancebot.models import Settings, format_duration
 from maintenancebot.plan import Plan, build_plan
 from maintenancebot.prepare import prepare
 from maintenancebot.runcontrol import Event
 from maintenancebot.scheduling import fire_times_between
 from maintenancebot.states import RunStatus
-from maintenancebot.store import HostsBusy, RunStore
+from maintenancebot.store import RunStore
 from maintenancebot.watch import Accepted, Catalog
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,6 @@ from maintenancebot.store_records import (
     AuditRecord,
     FireRecord,
     HostRecord,
-    HostsBusy,
     RunRecord,
     StepRecord,
     StopState,
@@ -50,7 +49,7 @@ from maintenancebot.store_schema import MIGRATIONS, SCHEMA_VERSION
 
 # The records are the store's vocabulary: importable from here, wherever they are defined.
 __all__ = [
-    "DIED", "TAIL_CHARS", "AuditRecord", "FireRecord", "HostRecord", "HostsBusy", "RunRecord",
+    "DIED", "TAIL_CHARS", "AuditRecord", "FireRecord", "HostRecord", "RunRecord",
     "RunStore", "StepRecord", "StopState", "StoreMetrics", "new_run_id", "utc_now",
 ]
 

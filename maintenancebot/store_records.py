@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from maintenancebot.errors import MaintenanceBotError
 from maintenancebot.states import HostStatus, RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -98,15 +97,6 @@ class AuditRecord:
     host: str | None
     actor: str | None
     details: dict[str, Any]
-
-
-class HostsBusy(MaintenanceBotError):
-    """Hosts of a run are in another live run: nothing started (DESIGN §5, Overlap)."""
-
-    def __init__(self, busy: dict[str, str]) -> None:
-        self.busy = busy
-        super().__init__("hosts are in another run, nothing started: " + ", ".join(
-            f"{host} (held by {holder})" for host, holder in sorted(busy.items())))
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from maintenancebot.errors import HostsBusy
 from maintenancebot.states import HostStatus, RunStatus
-from maintenancebot.store import HostsBusy
 from maintenancebot.testing.fleet import Fleet
 from tests.harness import Bench
 
