@@ -2,8 +2,7 @@
 
 Exit codes are a contract (DESIGN §8): 0 all good, 1 the run finished with failures, 2 bad input
 and nothing ran, 3 aborted (breaker, kill switch, timeout, hosts in another run), 4 waiting for
-approval. Expected
-errors print one clean line; anything else is a bug and keeps its traceback.
+approval. Expected errors print one clean line; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
