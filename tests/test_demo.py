@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from maintenancebot.testing.demo import start_docker
 
 
 def test_the_demo_validates_plans_runs_and_shows_history(tmp_path: Path) -> None:
@@ -27,3 +33,18 @@ def test_the_demo_validates_plans_runs_and_shows_history(tmp_path: Path) -> None
     logs = sorted(p.name for p in (first / "var/log/app").iterdir() if not p.name.startswith("."))
     assert logs == ["app.log", "app.log.1.gz", "app.log.2.gz"]
     assert "== maintenancebot trash list" in out and "Trash old temp files" in out
+
+
+def test_the_demo_sets_up_its_docker_images_again_in_the_same_directory(tmp_path: Path) -> None:
+    # `make demo` twice: the second one found the first one's container and stopped with a 409.
+    if os.environ.get("MAINTENANCEBOT_SKIP_DOCKER") == "1":
+        pytest.skip("MAINTENANCEBOT_SKIP_DOCKER=1")
+    for _ in range(2):
+        docker = start_docker(tmp_path)
+        assert docker is not None, "this machine runs dockerd (see tests/test_action_docker_prune)"
+        try:
+            assert sorted(tag for image in json.loads(docker.request("GET", "/images/json")[1])
+                          for tag in image["RepoTags"]) == \
+                ["demo/batch:2024", "demo/web:0", "demo/web:1"]
+        finally:
+            docker.stop()

@@ -105,6 +105,10 @@ def start_docker(workdir: Path) -> Any:
     """A private dockerd with a few images for docker_prune, when this machine can run one."""
     from maintenancebot.testing.dockerd import Dockerd, DockerdError
 
+    # Fresh each time, like the fleet: the last demo's images and its "web" container are in
+    # there (the next `create_container(name="web")` would be refused), and the last run of
+    # docker_prune removed some of them.
+    shutil.rmtree(workdir / "dockerd", ignore_errors=True)
     daemon = Dockerd(workdir / "dockerd")
     try:
         daemon.start()
