@@ -29,7 +29,12 @@ class LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._stderr, **self._options)
+            console = Console(stderr=self._stderr, **self._options)
+            if not console.is_terminal:
+                # Piped (a journal, a CI log, grep): one message, one line. rich would wrap at
+                # 80 columns and cut `FILE:LINE: field: message` in two.
+                console.soft_wrap = True
+            self._console = console
         return self._console
 
     @property

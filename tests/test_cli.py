@@ -101,6 +101,16 @@ def test_piped_dry_run_output_is_plain_and_every_line_says_dry_run(cli: Cli) -> 
     assert "\x1b[" not in result.stderr
 
 
+def test_piped_messages_keep_one_line_each(cli: Cli) -> None:
+    # Under systemd or in CI stderr is a pipe: a wrapped FILE:LINE message would defeat grep.
+    cli.runbook("bad", "steps: [{name: one, run: 'true', timeout: %s}]" % ("soon" * 30))
+    result = cli("run", "bad")
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if "steps[0].timeout" in line]
+    assert line.startswith(str(cli.tmp / "runbooks" / "bad.yaml") + ":1: ")
+    assert line.endswith("(use e.g. 30s, 10m, 2h, 7d)") and len(line) > 150
+
+
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
