@@ -160,7 +160,8 @@ _run_options = [
                  help="Narrow the runbook's own host selection, e.g. 'web-0*' or 'web:!web-03'. "
                       "Repeatable."),
     click.option("--json", "as_json", is_flag=True,
-                 help="Print one JSON document (DESIGN §8) on stdout and no progress."),
+                 help="Print one JSON document on stdout (the run, its hosts, their steps) and no "
+                      "progress."),
     click.option("--var", "overrides", multiple=True, metavar="KEY=VALUE",
                  callback=lambda _ctx, _param, value: _parse_vars(value),
                  help="Set a runbook variable for this run, above runbook and inventory vars. "
