@@ -83,10 +83,14 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
         self.path = Path(path)
         self._redact: Redact = redact or (lambda text: text)
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.path.exists():
-            # Step output can be sensitive even redacted; only the bot's user reads it.
-            self.path.touch(mode=0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                # Step output can be sensitive even redacted; only the bot's user reads it.
+                self.path.touch(mode=0o600)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the run store: {exc.strerror or exc} "
+                             "(is `state_dir` in the config right, and writable?)") from exc
         try:
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None, check_same_thread=False)

@@ -111,6 +111,20 @@ def test_piped_messages_keep_one_line_each(cli: Cli) -> None:
     assert line.endswith("(use e.g. 30s, 10m, 2h, 7d)") and len(line) > 150
 
 
+def test_an_unusable_state_dir_is_one_clear_line_not_a_traceback(cli: Cli) -> None:
+    cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
+    blocker = cli.tmp / "a-file"
+    blocker.write_text("not a directory\n")
+    cli.config.write_text(cli.config.read_text().replace(str(cli.state), str(blocker / "state")))
+    for args in (("history",), ("run", "fine")):
+        result = cli(*args)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip() == (
+            f"error: {blocker}/state/maintenancebot.db: cannot create the run store: Not a "
+            "directory (is `state_dir` in the config right, and writable?)")
+
+
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
