@@ -27,7 +27,10 @@ class ResolvedInventory:
         """Hosts matched by `patterns`, further narrowed by `narrow` (e.g. `--hosts`)."""
         names = select_names(patterns, self)
         if narrow:
-            narrowed = set(select_names(narrow, self))
+            try:
+                narrowed = set(select_names(narrow, self))
+            except SelectionError as exc:
+                raise SelectionError(f"--hosts: {exc}") from None
             names = [name for name in names if name in narrowed]
         if not names:
             shown = ":".join(patterns) + (f" narrowed by {':'.join(narrow)}" if narrow else "")

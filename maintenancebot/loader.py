@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from maintenancebot.actions import action_arg_errors, get_action
 from maintenancebot.errors import ConfigError, ConfigIssue
-from maintenancebot.inventory import unknown_terms
+from maintenancebot.inventory import ResolvedInventory, unknown_terms
 from maintenancebot.inventory_checks import (
     Where,
     defined_twice,
@@ -68,11 +68,14 @@ _M = TypeVar("_M", bound=BaseModel)
 # ------------------------------------------------------------------------------ public API
 
 
-def load_runbook(path: Path) -> Runbook:
-    """One runbook file; its name defaults to the file's stem."""
+def load_runbook(path: Path, inventory: ResolvedInventory | None = None) -> Runbook:
+    """One runbook file; its name defaults to the file's stem. With the `inventory` it will run
+    on, a host pattern naming what that inventory lacks is an issue at its line too."""
     issues: list[ConfigIssue] = []
     source = read_mapping(path, issues)
     runbook = _check_runbook(source, path.stem, issues) if source else None
+    if source and runbook and inventory is not None:
+        issues += _host_pattern_issues(source, set(inventory.groups), set(inventory.hosts))
     if runbook is None or issues:
         raise ConfigError(_sorted(issues))
     return runbook

@@ -45,8 +45,8 @@ def prepare(
     if not inventory_path:
         raise ConfigError([ConfigIssue(str(path), None, "",
                                        "no inventory: pass -i FILE or set `inventory` in the config")])
-    runbook = load_runbook(path)
     inventory = resolve_inventory(load_inventory(Path(inventory_path).expanduser()))
+    runbook = load_runbook(path, inventory)  # an unknown host or group: at its line, as validate
     return build_plan(runbook, inventory, runbook_source(path), narrow, overrides)
 
 

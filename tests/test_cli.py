@@ -125,6 +125,25 @@ def test_an_unusable_state_dir_is_one_clear_line_not_a_traceback(cli: Cli) -> No
             "directory (is `state_dir` in the config right, and writable?)")
 
 
+def test_run_names_the_runbook_line_of_an_unknown_host_and_the_option_of_a_bad_narrowing(
+        cli: Cli) -> None:
+    cli.runbook("typo", """
+        name: typo
+        hosts: [all, '!no-such-host']
+        steps: [{name: fine, run: 'true'}]
+    """)
+    cli.runbook("fine", "steps: [{name: fine, run: 'true'}]")
+    for command in ("plan", "run"):
+        typo = cli(command, "typo")
+        assert typo.returncode == 2
+        assert typo.stderr.splitlines()[0] == (
+            f"{cli.tmp / 'runbooks' / 'typo.yaml'}:3: hosts[1]: unknown host or group "
+            "'no-such-host'")
+    narrowed = cli("run", "fine", "--hosts", "no-such-host")
+    assert narrowed.returncode == 2
+    assert narrowed.stderr.strip() == "error: --hosts: unknown host or group: no-such-host"
+
+
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
