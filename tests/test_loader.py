@@ -161,6 +161,20 @@ steps:
     )
 
 
+def test_an_unknown_filter_is_a_located_issue_not_a_crash(tmp_path: Path) -> None:
+    # Parsing accepts any filter name; only compiling looks it up.
+    path = write(tmp_path, "r.yaml", """\
+steps:
+  - {name: a, run: "echo {{ host | uppercase }}"}
+  - {name: b, run: "true", when: "x | nosuch"}
+""")
+    unknown = "template syntax error: No filter named {!r}. (template line 1)"
+    assert lines_of([path]) == [
+        f"{path}:2: steps[0].run: " + unknown.format("uppercase"),
+        f"{path}:3: steps[1].when: " + unknown.format("nosuch"),
+    ]
+
+
 class _FakeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     paths: list[str]

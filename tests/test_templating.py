@@ -43,6 +43,12 @@ def test_syntax_errors_are_reported_without_rendering() -> None:
     assert check_syntax("echo {{ a ") is not None
     assert check_syntax("a ==", expression=True) is not None
     assert check_syntax("echo {{ a }}") is None
+    # Unknown filters and tests, which Jinja's parser lets through to the compiler:
+    assert "No filter named 'nosuch'" in (check_syntax("echo {{ a | nosuch }}") or "")
+    assert "No test named 'nosuch'" in (check_syntax("{% if a is nosuch %}{% endif %}") or "")
+    assert "No filter named 'nosuch'" in (check_syntax("{% filter nosuch %}{% endfilter %}") or "")
+    assert check_syntax("{{ a | default(1) | quote }} {{ b | raw }}{% if b is defined %}{% endif %}") \
+        is None
 
 
 def test_referenced_names_lists_top_level_variables() -> None:
