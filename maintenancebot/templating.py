@@ -170,7 +170,9 @@ def _guard(call: Any) -> Any:
         raise TemplateError(f"not allowed in a runbook template: {exc}") from exc
     except jinja2.TemplateError as exc:
         raise TemplateError(f"template error: {exc}") from exc
-    except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError) as exc:
+    except (TypeError, ValueError, ArithmeticError, AttributeError, LookupError) as exc:
+        # What an expression can raise (1/0, x[9], int('a'), the sandbox's range(10**9)): the
+        # runbook's mistake, reported as one, not as a bug of ours with a traceback.
         raise TemplateError(f"template error: {type(exc).__name__}: {exc}") from exc
 
 

@@ -32,6 +32,15 @@ def test_sandbox_refuses_python_internals() -> None:
         Templates().render_shell("{{ ''.__class__.__mro__ }}", {})
 
 
+@pytest.mark.parametrize("source", [
+    "{{ range(10**9) | list | length }}",  # the sandbox's own limit: OverflowError
+    "{{ 1 / 0 }}", "{{ 2.0 ** 10000 }}", "{{ 'a' + 1 }}", "{{ {}.pop('x') }}", "{{ [].pop() }}",
+])
+def test_an_expression_that_raises_is_the_runbook_s_template_error(source: str) -> None:
+    with pytest.raises(TemplateError, match="template error: [A-Za-z]+Error"):
+        Templates().render_shell(source, {"items": [1]})
+
+
 def test_when_expressions_read_registered_results() -> None:
     templates = Templates()
     context = {"disk": Registered(stdout="91"), "limit": 80}
