@@ -97,12 +97,26 @@ def _reference_issues(source: Source, names: InventoryNames) -> list[ConfigIssue
     return issues
 
 
+# What a host pattern reads as syntax (web:db, web,db, !x, &y, web-*, web-[12], trimmed spaces):
+# a host or group whose name holds one could never be selected by its name.
+_PATTERN_SYNTAX = frozenset(":,!&*?[] \t\n")
+
+
 def _ambiguous_name_issues(source: Source, names: InventoryNames) -> list[ConfigIssue]:
-    """Names a host pattern could not tell apart: 'all', and a host named like a group."""
+    """Names a host pattern could not tell apart: 'all', a host named like a group, and names
+    holding pattern syntax."""
     issues = [
         source.issue((kind, "all"), "'all' is reserved: it means every host")
         for kind in ("hosts", "groups")
         if "all" in mapping_of(source.data.get(kind))
+    ]
+    issues += [
+        source.issue((kind, name), f"{kind[:-1]} name {name!r} holds "
+                     f"{' '.join(repr(c) for c in sorted(set(name) & _PATTERN_SYNTAX))}, which "
+                     "host patterns read as syntax: it could never be selected by name")
+        for kind in ("hosts", "groups")
+        for name in mapping_of(source.data.get(kind))
+        if isinstance(name, str) and set(name) & _PATTERN_SYNTAX
     ]
     return issues + [
         source.issue(

@@ -161,6 +161,23 @@ steps:
     )
 
 
+def test_a_name_holding_host_pattern_syntax_is_an_issue(tmp_path: Path) -> None:
+    path = write(tmp_path, "inventory.yaml", """\
+groups:
+  "web:eu": {hosts: [web-1]}
+hosts:
+  web-1: {address: 127.0.0.2}
+  "db 1": {}
+  "db-[2]": {}
+""")
+    tail = "which host patterns read as syntax: it could never be selected by name"
+    assert lines_of([path]) == [
+        f"{path}:2: groups.web:eu: group name 'web:eu' holds ':', {tail}",
+        f"{path}:5: hosts.db 1: host name 'db 1' holds ' ', {tail}",
+        f"{path}:6: hosts.db-[2]: host name 'db-[2]' holds '[' ']', {tail}",
+    ]
+
+
 def test_an_unknown_filter_is_a_located_issue_not_a_crash(tmp_path: Path) -> None:
     # Parsing accepts any filter name; only compiling looks it up.
     path = write(tmp_path, "r.yaml", """\
