@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from maintenancebot.cli import _clean_errors, _State, cli, pass_state
+from maintenancebot.cli import _clean_errors, _State, cli, err, pass_state
+from maintenancebot.errors import MaintenanceBotError
 
 
 def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
@@ -102,9 +103,13 @@ def metrics(state: _State, textfile: Path | None) -> None:
         return
     # A scrape must never read half a file: write beside it, then rename over it.
     partial = textfile.with_name(f".{textfile.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    partial.chmod(0o644)
-    partial.replace(textfile)
+    try:
+        partial.write_text(text)
+        partial.chmod(0o644)
+        partial.replace(textfile)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise MaintenanceBotError(f"cannot write {textfile}: {exc.strerror or exc}") from exc
 
 
 @cli.command()
@@ -130,6 +135,8 @@ def fires(state: _State, runbook: str | None, limit: int, as_json: bool) -> None
                                 "run_id": f.run_id, "reason": f.reason} for f in records],
                               indent=2))
         return
+    if not records:
+        err.print("no scheduled fires recorded yet (the daemon records each one)", markup=False)
     for f in records:
         click.echo("  ".join(part for part in (
             f.fire_time.isoformat(timespec="minutes"), f.runbook, f.decision,

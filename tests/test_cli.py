@@ -144,6 +144,18 @@ def test_run_names_the_runbook_line_of_an_unknown_host_and_the_option_of_a_bad_n
     assert narrowed.stderr.strip() == "error: --hosts: unknown host or group: no-such-host"
 
 
+def test_metrics_into_a_missing_directory_is_one_line_and_leaves_nothing(cli: Cli) -> None:
+    target = cli.tmp / "no-collector" / "maintenancebot.prom"
+    result = cli("metrics", "--textfile", str(target))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot write {target}: No such file or directory"
+    assert not target.parent.exists()
+    # Nothing recorded is said as such, on stderr, so a pipe still reads an empty list.
+    fires = cli("fires")
+    assert (fires.returncode, fires.stdout) == (0, "")
+    assert "no scheduled fires recorded yet" in fires.stderr
+
+
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
