@@ -85,7 +85,7 @@ def load_runbooks(directory: Path) -> tuple[dict[str, tuple[Path, Runbook]], lis
     """Every valid runbook in `directory` (not its subdirectories) by name, and the problems of
     the others. On a duplicate name the first file (by name) wins and the other is an issue."""
     if not directory.is_dir():
-        return {}, [ConfigIssue(str(directory), None, "", "no such directory")]
+        return {}, [ConfigIssue(str(directory), None, "", "no such file or directory")]
     issues: list[ConfigIssue] = []
     runbooks: dict[str, tuple[Path, Runbook]] = {}
     seen: dict[str, Where] = {}

@@ -252,7 +252,17 @@ def test_load_runbooks_keeps_the_valid_ones_and_reports_the_rest(tmp_path: Path)
 def test_load_runbooks_of_a_missing_directory_is_an_issue(tmp_path: Path) -> None:
     runbooks, issues = load_runbooks(tmp_path / "nope")
     assert runbooks == {}
-    assert [issue.message for issue in issues] == ["no such directory"]
+    assert [issue.message for issue in issues] == ["no such file or directory"]
+
+
+def test_the_daemon_s_catalog_reports_a_missing_runbooks_directory_once(tmp_path: Path) -> None:
+    from maintenancebot.watch import Catalog, load_catalog
+
+    inventory = write(tmp_path, "inventory.yaml", "hosts: {web-1: {address: 127.0.0.2}}\n")
+    settings = Settings(runbooks=str(tmp_path / "nope"), inventory=str(inventory))
+    loaded = load_catalog(settings, Catalog())
+    assert [str(issue) for issue in loaded.issues] == [
+        f"{tmp_path / 'nope'}: no such file or directory"]
 
 
 # ------------------------------------------------------------------ YAML itself
