@@ -143,7 +143,7 @@ def request_document(request: ApprovalRecord) -> dict[str, Any]:
 def request_lines(doc: dict[str, Any]) -> list[str]:
     lines = [f"approval {doc['id']} [{doc['status']}] {doc['runbook']} step "
              f"{doc['step_index'] + 1} {doc['step']} (run {doc['run_id']}, started by "
-             f"{doc['started_by']}); deadline {_left(doc['deadline'])}"
+             f"{doc['started_by']}); deadline {_left(doc)}"
              + (f"; quorum {doc['quorum']}" if doc["quorum"] > 1 else "")
              + (f"; on deny: {doc['on_deny']}" if doc["on_deny"] != "skip" else "")]
     for host in doc["hosts"]:
@@ -172,7 +172,7 @@ def _table(docs: list[dict[str, Any]]) -> Table:
                           for h in doc["hosts"])
         why = "\n".join(f"{h['host']}: {_why(h['why'])}" for h in doc["hosts"] if h["why"])
         table.add_row(str(doc["id"]), f"{doc['runbook']} #{doc['step_index'] + 1} "
-                      f"{doc['step']}\n{doc['run_id']}", hosts, why, _left(doc["deadline"]))
+                      f"{doc['step']}\n{doc['run_id']}", hosts, why, _left(doc))
     return table
 
 
@@ -180,8 +180,11 @@ def _why(values: dict[str, Any]) -> str:
     return ", ".join(f"{name}={json.dumps(value, default=str)}" for name, value in values.items())
 
 
-def _left(deadline: str) -> str:
-    moment = datetime.fromisoformat(deadline)
-    minutes = int((moment - datetime.now(UTC)).total_seconds() // 60)
+def _left(doc: dict[str, Any]) -> str:
+    """The deadline, and for an open request how long is left (a closed one waits no more)."""
+    moment = datetime.fromisoformat(doc["deadline"])
     when = moment.strftime("%Y-%m-%d %H:%M UTC")
+    if doc["status"] != "open":
+        return when
+    minutes = int((moment - datetime.now(UTC)).total_seconds() // 60)
     return f"{when} (in {minutes} min)" if minutes >= 0 else f"{when} (passed)"

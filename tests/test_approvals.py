@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,6 +185,11 @@ def test_deny_skips_the_step_and_the_hosts_finish(gate: Gate) -> None:
     assert not gate.has(names[0], "rebooted") and gate.has(names[0], "after")
     step = next(s for s in gate.bench.steps(outcome.run_id, names[0]) if s["name"] == "reboot")
     assert step["status"] == "denied" and "carol" in step["error"] and "not today" in step["error"]
+    # Listed afterwards, a closed request shows its deadline but no countdown to it.
+    (line,) = [line for line in gate.cli("approvals", "--all").stdout.splitlines()
+               if line.startswith(f"approval {request.id} ")]
+    assert "[closed]" in line and " min)" not in line and "(passed)" not in line
+    assert re.search(r"; deadline \d{4}-\d\d-\d\d \d\d:\d\d UTC$", line), line
 
 
 def test_no_answer_before_the_deadline_counts_as_deny_after_a_reminder(gate: Gate) -> None:
