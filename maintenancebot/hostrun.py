@@ -20,7 +20,7 @@ from maintenancebot.actions import ActionContext, ActionReport, get_action
 from maintenancebot.approvals import ApprovalDesk, Decision, Parking, condition_values, fingerprint
 from maintenancebot.errors import CommandTimeout, ConnectError, TemplateError, TransportError
 from maintenancebot.models import Host, Step
-from maintenancebot.plan import Plan, host_context
+from maintenancebot.plan import Plan, host_contexts
 from maintenancebot.runcontrol import RunControl
 from maintenancebot.states import HostStatus, StepStatus, transition
 from maintenancebot.store import RunStore
@@ -52,8 +52,22 @@ class Completed:
     index: int
     row: int
     context: dict[str, Any]
+    shown_context: dict[str, Any]  # what its records show (plan.host_contexts)
     args: Any = None
     report: ActionReport | None = None
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A step made concrete for one host: `script` is what runs (a `run:` step's shell line,
+    its secrets in it), `command` what every record, approval and report shows (the same
+    templates rendered with each secret [REDACTED]); `args` an action's validated arguments."""
+
+    command: str
+    script: str | None
+    args: Any
+    context: dict[str, Any]
+    shown_context: dict[str, Any]
 
 
 @dataclass
@@ -128,7 +142,8 @@ class HostRun:
     # ------------------------------------------------------------------------------ one step
 
     def _step(self, transport: Transport, index: int, step: Step) -> StepOutcome:
-        context = host_context(self.plan, self.host, self.run_vars, dict(self.registered))
+        context, shown_context = host_contexts(self.plan, self.host, self.run_vars,
+                                               dict(self.registered))
         blocked = self._unknown_inputs(step)
         if blocked:
             return self._decide(index, step, StepStatus.UNKNOWN, reason=(
@@ -143,35 +158,42 @@ class HostRun:
                 self._settle_parked(StepStatus.DENIED, "its condition no longer holds")
                 return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
         try:
-            command, args = self._render(step, context)
+            rendered = self._render(step, context, shown_context)
         except (TemplateError, ValidationError) as exc:
             self._settle_parked(StepStatus.INTERRUPTED, f"cannot render: {exc}")
             return self._fail_unrun(index, step, f"cannot render: {exc}")
         if step.gated and self.dry_run:
-            return self._gate_preview(index, step, command)
+            return self._gate_preview(index, step, rendered.command)
         if step.gated:
-            return self._gate(transport, index, step, command, args, context)
+            return self._gate(transport, index, step, rendered)
         if self.dry_run and not self._runs_in_dry_run(step):
-            return self._preview(transport, index, step, command, args)
-        return self._run(transport, index, step, command, args, context)
+            return self._preview(transport, index, step, rendered.command, rendered.args)
+        return self._run(transport, index, step, rendered)
 
-    def _render(self, step: Step, context: dict[str, Any]) -> tuple[str, Any]:
+    def _render(self, step: Step, context: dict[str, Any],
+                shown_context: dict[str, Any]) -> Rendered:
         templates = self.plan.templates
+        secret_free = shown_context is context
         if step.run is not None:
-            return templates.render_shell(step.run, context), None
+            script = templates.render_shell(step.run, context)
+            command = script if secret_free else templates.render_shell(step.run, shown_context)
+            return Rendered(command, script, None, context, shown_context)
         action = get_action(step.action or "")
         assert action is not None, "the loader rejects unknown actions"
-        rendered = templates.render_value(step.args, context)
-        return f"{step.action} {rendered}", action.Args.model_validate(rendered)
+        values = templates.render_value(step.args, context)
+        args = action.Args.model_validate(values)
+        if not secret_free:
+            values = templates.render_value(step.args, shown_context)
+        return Rendered(f"{step.action} {values}", None, args, context, shown_context)
 
     def _run(
-        self, transport: Transport, index: int, step: Step, command: str, args: Any,
-        context: dict[str, Any], row: int | None = None,
+        self, transport: Transport, index: int, step: Step, rendered: Rendered,
+        row: int | None = None,
     ) -> StepOutcome:
         recorded = (self.store.step_starting(self.run_id, self.host.name, index, step.name,
-                                             command=command)
+                                             command=rendered.command)
                     if row is None else _recorded_already(row))
-        outcome = self._execute(transport, index, step, command, args, recorded)
+        outcome = self._execute(transport, index, step, rendered.script, rendered.args, recorded)
         row = recorded()  # on disk already, unless the step failed before it could start
         self.store.step_finished(
             row, outcome.status, rc=outcome.rc, changed=outcome.changed, stdout=outcome.stdout,
@@ -180,11 +202,12 @@ class HostRun:
         self.control.emit(self.host.name, step.name, outcome.status)
         self._register(step, outcome)
         if outcome.status is StepStatus.OK:
-            self.done.append(Completed(step, index, row, context, args, outcome.report))
+            self.done.append(Completed(step, index, row, rendered.context,
+                                       rendered.shown_context, rendered.args, outcome.report))
         return outcome
 
     def _execute(
-        self, transport: Transport, index: int, step: Step, command: str, args: Any,
+        self, transport: Transport, index: int, step: Step, script: str | None, args: Any,
         recorded: Callable[[], int],
     ) -> StepOutcome:
         """Runs the step once `recorded` says its row is on disk: an action at once, a command
@@ -194,8 +217,9 @@ class HostRun:
             if step.action is not None:
                 recorded()
                 return self._apply_action(transport, index, step, args)
+            assert script is not None, "a `run:` step always renders its script"
             result = transport.run(Command(
-                script=command, sudo=self._sudo(step), timeout=self.control.bound(step.timeout)),
+                script=script, sudo=self._sudo(step), timeout=self.control.bound(step.timeout)),
                 before_start=recorded)
         except CommandTimeout as exc:
             return StepOutcome(StepStatus.TIMED_OUT, stdout=exc.stdout, stderr=exc.stderr,
@@ -248,13 +272,14 @@ class HostRun:
         return self._decide(index, step, StepStatus.NEEDS_APPROVAL, command=command,
                             reason=f"would wait for approval: {step.when or 'always'}")
 
-    def _gate(self, transport: Transport, index: int, step: Step, command: str, args: Any,
-              context: dict[str, Any]) -> StepOutcome:
+    def _gate(self, transport: Transport, index: int, step: Step,
+              rendered: Rendered) -> StepOutcome:
         """Park until a human answers; run only what was shown to them (DESIGN §5)."""
         assert step.approval is not None
         assert self.desk is not None, "the engine gives every real run an approval desk"
-        why = condition_values(self.plan.templates.names(step.when, expression=True), context) \
-            if step.when else {}
+        command, args = rendered.command, rendered.args
+        why = condition_values(self.plan.templates.names(step.when, expression=True),
+                               rendered.shown_context) if step.when else {}
         row = self.parked_row
         self.parked_row = None
         shown = self._what_it_would_do(transport, index, step, args)
@@ -290,7 +315,7 @@ class HostRun:
         self.store.audit("approval.executed", run_id=self.run_id, host=self.host.name,
                          actor=decision.by, details={"approval": decision.request,
                                                      "step": step.name, "digest": digest})
-        return self._run(transport, index, step, command, args, context, row=row)
+        return self._run(transport, index, step, rendered, row=row)
 
     def _park(self, parking: Parking) -> Decision:
         assert self.desk is not None
@@ -356,15 +381,18 @@ class HostRun:
     def _undo(self, transport: Transport, done: Completed) -> StepStatus:
         step = done.step
         if step.rollback is not None:
+            templates = self.plan.templates
             try:
-                command = self.plan.templates.render_shell(step.rollback, done.context)
+                script = templates.render_shell(step.rollback, done.context)
+                command = (script if done.shown_context is done.context
+                           else templates.render_shell(step.rollback, done.shown_context))
             except TemplateError as exc:
                 self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=str(exc)))
                 return StepStatus.ROLLBACK_FAILED
             recorded = self.store.step_starting(self.run_id, self.host.name, done.index,
                                                 step.name, kind="rollback", command=command)
             outcome = self._execute(transport, done.index, step.model_copy(
-                update={"run": command, "action": None}), command, None, recorded)
+                update={"run": script, "action": None}), script, None, recorded)
             self._finish(recorded(), outcome)
         else:
             action = get_action(step.action or "")

@@ -15,7 +15,7 @@ from typing import Any
 
 from maintenancebot.inventory import ResolvedInventory
 from maintenancebot.models import Host, Runbook, resolve_share
-from maintenancebot.redact import is_reference, resolve_reference
+from maintenancebot.redact import REDACTED, is_reference, resolve_reference
 from maintenancebot.templating import Templates, unavailable
 
 
@@ -102,13 +102,26 @@ def split_batches(names: list[str], sizes: list[int | str] | None) -> tuple[tupl
     return tuple(batches)
 
 
-def host_context(
+def host_contexts(
     plan: Plan, host: Host, run: dict[str, Any], registered: dict[str, Any]
-) -> dict[str, Any]:
-    """The variables a step of `host` renders with. Runbook vars are defaults; inventory vars
-    (group, then host) override them, so one host can differ without forking the runbook;
-    `--var` overrides both for one run."""
-    merged = resolve_secrets({**plan.runbook.vars, **host.vars, **plan.overrides})
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The variables a step of `host` renders with, and those its records show.
+
+    Runbook vars are defaults; inventory vars (group, then host) override them, so one host can
+    differ without forking the runbook; `--var` overrides both for one run. In the second
+    context every secret reference is [REDACTED] instead of its value: a command rendered with
+    it is what the store, the approvers and the reports see. The redactor knows a secret's own
+    forms, but not what a filter makes of it (`| upper`, `| reverse`, `[2:]`); a command
+    rendered without the secret cannot hold any of those. Without secrets, both are one dict."""
+    merged = {**plan.runbook.vars, **host.vars, **plan.overrides}
+    real = _context(resolve_secrets(merged), host, run, registered)
+    if not _holds_reference(merged):
+        return real, real
+    return real, _context(_mask_secrets(merged), host, run, registered)
+
+
+def _context(merged: dict[str, Any], host: Host, run: dict[str, Any],
+             registered: dict[str, Any]) -> dict[str, Any]:
     host_view = {
         "name": host.name,
         "address": host.address,
@@ -117,6 +130,26 @@ def host_context(
         "vars": host.vars,
     }
     return {**merged, **registered, "vars": merged, "host": host_view, "run": run}
+
+
+def _holds_reference(value: Any) -> bool:
+    if isinstance(value, str):
+        return is_reference(value)
+    if isinstance(value, dict):
+        return any(_holds_reference(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_reference(item) for item in value)
+    return False
+
+
+def _mask_secrets(value: Any) -> Any:
+    if isinstance(value, str) and is_reference(value):
+        return REDACTED
+    if isinstance(value, dict):
+        return {key: _mask_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mask_secrets(item) for item in value]
+    return value
 
 
 def resolve_secrets(value: Any) -> Any:

@@ -24,7 +24,7 @@ from maintenancebot.hostrun import Completed, HostRun
 from maintenancebot.inventory import resolve_inventory
 from maintenancebot.loader import load_inventory, load_runbook
 from maintenancebot.models import Host, Settings
-from maintenancebot.plan import Plan, RunbookSource, build_plan, host_context
+from maintenancebot.plan import Plan, RunbookSource, build_plan, host_contexts
 from maintenancebot.states import TERMINAL_HOST, HostStatus, RunStatus, StepStatus
 from maintenancebot.store import HostRecord, RunRecord, RunStore, StepRecord
 from maintenancebot.store_approvals import CANCELLED
@@ -201,9 +201,9 @@ def host_state(plan: Plan, host: Host, record: HostRecord, steps: list[StepRecor
     for index in sorted(latest):
         row = latest[index]
         step = plan.runbook.steps[index]
-        context = host_context(plan, host, run_vars, dict(resume.registered))
+        contexts = host_contexts(plan, host, run_vars, dict(resume.registered))
         if row.status is StepStatus.OK:
-            resume.done.append(_done(plan, step, index, row, context))
+            resume.done.append(_done(plan, step, index, row, *contexts))
         if step.register_as:
             resume.registered[step.register_as] = Registered(
                 stdout=(row.stdout_tail or "").rstrip("\n"), stderr=row.stderr_tail or "",
@@ -215,7 +215,8 @@ def host_state(plan: Plan, host: Host, record: HostRecord, steps: list[StepRecor
     return resume
 
 
-def _done(plan: Plan, step: Any, index: int, row: StepRecord, context: dict[str, Any]) -> Completed:
+def _done(plan: Plan, step: Any, index: int, row: StepRecord, context: dict[str, Any],
+          shown_context: dict[str, Any]) -> Completed:
     args, report = None, None
     if step.action:
         action = get_action(step.action)
@@ -224,4 +225,4 @@ def _done(plan: Plan, step: Any, index: int, row: StepRecord, context: dict[str,
         report = ActionReport(ok=True, changed=bool(row.changed), summary=row.stdout_tail or "",
                               data=row.details, stdout=row.stdout_tail or "",
                               stderr=row.stderr_tail or "", rc=row.rc)
-    return Completed(step, index, row.id, context, args, report)
+    return Completed(step, index, row.id, context, shown_context, args, report)

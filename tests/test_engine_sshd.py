@@ -131,6 +131,33 @@ def test_failing_step_rolls_back_its_host_in_reverse_order_and_others_finish(ben
             assert (bench.fleet.root(other) / "log").read_text().split() == ["do1", "do2", "do4"]
 
 
+def test_a_secret_runs_in_commands_but_their_records_show_it_masked_whatever_the_filter(
+        bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "Pl4nt-Tok3n-xq81Zv"
+    monkeypatch.setenv("MB_PLANTED_TOKEN", secret)
+    host = bench.fleet.names[0]
+    outcome = bench.run(f"""
+        hosts: [{host}]
+        vars: {{token: env:MB_PLANTED_TOKEN}}
+        steps:
+          - name: keep
+            run: echo {{{{ token | upper }}}}{{{{ token[3:] }}}} > {{{{ root }}}}/kept
+            rollback: echo {{{{ token | reverse }}}} > {{{{ root }}}}/undone
+          - {{name: fails, run: 'false'}}
+    """)
+    assert outcome.status is RunStatus.FAILED
+    root = bench.fleet.root(host)
+    # What ran had the secret itself, transformed as the templates say:
+    assert (root / "kept").read_text() == secret.upper() + secret[3:] + "\n"
+    assert (root / "undone").read_text() == secret[::-1] + "\n"
+    steps = bench.steps(outcome.run_id, host)
+    assert [s["command"] for s in steps if s["name"] == "keep"] == [
+        f"echo '[REDACTED]''DACTED]' > {root}/kept", f"echo ']DETCADER[' > {root}/undone"]
+    written = b"".join(p.read_bytes() for p in (bench.tmp / "state").rglob("*") if p.is_file())
+    for form in (secret, secret.upper(), secret[3:], secret[::-1]):
+        assert form.encode() not in written
+
+
 def test_unreachable_and_wrong_key_hosts_fail_alone_with_clear_reasons(
     fleet: Fleet, tmp_path: Path
 ) -> None:

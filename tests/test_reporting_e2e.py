@@ -44,6 +44,8 @@ RUNBOOK = """
     hosts: all
     vars: {dbauth: none}
     steps:
+      - name: fingerprint  # the secret, transformed on its way into a command
+        run: test {{ dbauth | upper }}{{ dbauth | reverse }}{{ dbauth[2:] }} != x
       - name: connect
         run: >-
           echo "connecting with password {{ dbauth }} and key AKIAPLANTED7EXAMPLE9";
@@ -66,7 +68,8 @@ def test_planted_secrets_reach_no_store_log_prompt_or_slack_payload(reported: Cl
     assert result.returncode == 1, result.stderr  # one host failed its check
     doc = json.loads(result.stdout)
     first = doc["hosts"][0]
-    assert first["status"] == "failed" and "[REDACTED" in first["steps"][0]["command"]
+    assert first["status"] == "failed" and "[REDACTED" in first["steps"][1]["command"]
+    assert first["steps"][0]["status"] == "ok", "the real secret went into the command that ran"
     assert llm.requests and slack.requests, "the LLM was asked and Slack was posted to"
     prompt = llm.requests[0].json()["messages"][-1]["content"]
     assert "connect" in prompt, "the prompt really carries the run's digest"
@@ -76,7 +79,9 @@ def test_planted_secrets_reach_no_store_log_prompt_or_slack_payload(reported: Cl
         db.execute("PRAGMA wal_checkpoint(FULL)")
     stored = everything_written(reported)
     assert b"connecting with password" in stored, "the output really was stored"
-    for secret in SECRETS[:1] + SECRETS[3:]:
+    # A filter makes a form of the secret that no redactor knows: upper-cased, reversed, cut.
+    transformed = [DB_PASSWORD.upper(), DB_PASSWORD[::-1], DB_PASSWORD[2:]]
+    for secret in SECRETS[:1] + SECRETS[3:] + transformed:
         for place, data in [("store", stored), ("stdout", result.stdout.encode()),
                             ("log", result.stderr.encode()), ("prompt", llm.all_bytes()),
                             ("slack", sent_to_slack)]:
