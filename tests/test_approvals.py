@@ -173,6 +173,31 @@ def test_only_hosts_whose_condition_holds_park_in_one_request_and_approve_resume
     assert {h.decided_by for h in record.hosts} == {"alice"}
 
 
+def test_an_approval_shows_a_secret_masked_in_its_command_and_its_reasons(
+        gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "Appr0val-Pl4nt-k2Qz"
+    monkeypatch.setenv("MB_PLANTED_KEY", secret)
+    host = gate.fleet.names[0]
+    gate.start(f"""
+        hosts: [{host}]
+        vars: {{key: env:MB_PLANTED_KEY}}
+        steps:
+          - name: rotate
+            when: "key | length > 3"
+            run: echo {{{{ key | lower }}}} > {{{{ root }}}}/rotated
+            approval: {{required: true, timeout: 10m}}
+    """)
+    request = gate.await_request()
+    entry = request.entry(host)
+    assert entry.command == f"echo '[redacted]' > {gate.fleet.root(host)}/rotated"
+    assert entry.why == {"key": "[REDACTED]"}
+    listed = gate.cli("approvals", "--json")
+    assert secret.lower().encode() not in listed.stdout.encode() and secret not in listed.stdout
+    assert gate.cli("approve", str(request.id), "--by", "alice").returncode == 0
+    assert gate.finish().status is RunStatus.SUCCEEDED
+    assert gate.lines_of(host, "rotated") == [secret.lower()]  # the secret itself ran
+
+
 def test_deny_skips_the_step_and_the_hosts_finish(gate: Gate) -> None:
     names = gate.fleet.names
     flag(gate, names[0])
