@@ -141,8 +141,9 @@ def inventory_secrets(settings: Settings) -> list[Any]:
 
 
 def plan_secrets(plan: Plan) -> list[Any]:
-    """What may hold `env:`/`file:` secret references: host vars and runbook vars."""
-    return [[dict(host.vars) for host in plan.hosts], dict(plan.runbook.vars)]
+    """What may hold `env:`/`file:` secret references: host vars, runbook vars and `--var`."""
+    return [[dict(host.vars) for host in plan.hosts], dict(plan.runbook.vars),
+            dict(plan.overrides)]
 
 
 def current_user() -> str:

@@ -183,6 +183,16 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
             parsed[key] = json.loads(value)
         except ValueError:
             parsed[key] = value
+    if parsed:
+        from maintenancebot.loader import inline_secrets
+
+        # As in a file: a command line is in `ps` and in shell history, and a value the bot
+        # does not know as a secret is shown wherever the command that uses it is.
+        inline = inline_secrets(parsed)
+        if inline:
+            raise click.BadParameter(
+                f"{', '.join(inline)}: write secrets as env:NAME or file:/path, never inline "
+                f"(e.g. --var {inline[0].split('.')[0]}=env:DB_PASSWORD)", param_hint="--var")
     return parsed
 
 

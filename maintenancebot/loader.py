@@ -185,6 +185,13 @@ def _validate(
         return None
 
 
+def inline_secrets(values: dict[str, Any]) -> list[str]:
+    """Where `values` (`--var` pairs, say) hold a secret inline, as KEY or KEY.sub paths."""
+    return [".".join(map(str, where)) for where, item in walk(values)
+            if isinstance(where[-1], str) and _SECRET_KEY.search(where[-1])
+            and _inline_secret(item)]
+
+
 def _secret_issues(source: Source, value: Any, loc: Loc) -> list[ConfigIssue]:
     """Values under secret-looking keys that are not env:NAME / file:/path references."""
     return [

@@ -156,6 +156,22 @@ def test_metrics_into_a_missing_directory_is_one_line_and_leaves_nothing(cli: Cl
     assert "no scheduled fires recorded yet" in fires.stderr
 
 
+def test_a_secret_by_var_must_be_a_reference_and_is_then_redacted_everywhere(cli: Cli) -> None:
+    cli.runbook("echo", "steps: [{name: say, run: 'echo {{ api_token }}', readonly: true}]")
+    inline = cli("run", "echo", "--var", "api_token=tok-Inl1ne-92xq")
+    assert inline.returncode == 2
+    assert "api_token: write secrets as env:NAME or file:/path, never inline" in inline.stderr
+    assert json.loads(cli("history", "--json").stdout) == [], "nothing ran"
+    secret = "tok-Pl4nted-Var-58zk"
+    ran = cli.run_with({"MB_PLANTED_VAR": secret}, "run", "echo", "--var",
+                       "api_token=env:MB_PLANTED_VAR", "--json")
+    assert ran.returncode == 0, ran.stderr
+    step = json.loads(ran.stdout)["hosts"][0]["steps"][0]
+    assert step["command"] == "echo '[REDACTED]'"
+    written = b"".join(p.read_bytes() for p in cli.state.rglob("*") if p.is_file())
+    assert b"[REDACTED]" in written and secret.encode() not in written  # nor its echo
+
+
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
