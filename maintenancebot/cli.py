@@ -340,6 +340,9 @@ def _print_run(doc: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2, default=str))
     elif out.is_terminal:
         out.print(views.run_table(doc))
+        if doc["dry_run"]:  # below the table, as wide as the terminal (a caption is not)
+            for line in views.rollout_lines(doc.get("rollout")):
+                out.print(f"{views.DRY} {line}", style="cyan", markup=False)
     else:
         for line in views.run_lines(doc):
             click.echo(line)

@@ -71,7 +71,8 @@ class Engine:
             git_commit=plan.source.git_commit, git_dirty=plan.source.git_dirty,
             # `--var` values go through the store's redaction: a resumed run renders with them.
             meta={"controller": socket.gethostname(), "overridden_vars": sorted(plan.overrides),
-                  "overrides": plan.overrides, "narrow": list(plan.narrow)},
+                  "overrides": plan.overrides, "narrow": list(plan.narrow),
+                  "rollout": plan.rollout()},
         )
         run_vars = {"id": run_id, "dry_run": dry_run,
                     "started_at": datetime.now(UTC).isoformat(timespec="seconds")}

@@ -54,6 +54,12 @@ class Plan:
         by_name = {host.name: host for host in self.hosts}
         return tuple(by_name[name] for name in self.batches[0][:max(1, self.runbook.concurrency)])
 
+    def rollout(self) -> dict[str, Any]:
+        """How the hosts are taken: what a dry-run shows before anyone runs it."""
+        return {"batches": [list(batch) for batch in self.batches],
+                "concurrency": self.runbook.concurrency, "max_failures": self.max_failures,
+                "between_batches": self.runbook.between_batches}
+
     def lease_keys(self) -> list[str]:
         """What a real run of this plan leases: its hosts, and the runbook itself, which never
         runs twice at once, even on disjoint hosts."""

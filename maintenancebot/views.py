@@ -48,7 +48,8 @@ def run_document(store: RunStore, run_id: str) -> dict[str, Any]:
         "dry_run": bool(run.dry_run), "reason": run.reason, "started_by": run.started_by,
         "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
         "selection": run.selection, "runbook_sha256": run.runbook_hash,
-        "git_commit": run.git_commit, "git_dirty": run.git_dirty, "hosts": hosts,
+        "git_commit": run.git_commit, "git_dirty": run.git_dirty,
+        "rollout": run.meta.get("rollout"), "hosts": hosts,
     }
     if run.dry_run:
         doc = {"label": DRY, **doc, "changed_nothing": True}
@@ -101,8 +102,37 @@ def run_lines(doc: dict[str, Any]) -> list[str]:
             lines.append(f"{prefix}  step {step['index'] + 1} {step['name']}{kind}: "
                          f"{step['status']}{rc} {_one_line(step_detail(step))}".rstrip())
     if doc["dry_run"]:
+        lines[1:1] = [f"{DRY} {line}" for line in rollout_lines(doc.get("rollout"))]
         lines.append(f"{DRY}: nothing was changed on any host")
     return lines
+
+
+def rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
+    """How a run takes its hosts: batches, hosts at once, the breaker, the check between
+    batches, which runs on this controller and not in a dry-run. A change to any of them
+    changes what a run does, so a dry-run of a runbook change must show it."""
+    if not rollout:
+        return []  # a run recorded before rollouts were
+    batches, at_once = rollout["batches"], rollout["concurrency"]
+    if len(batches) == 1:
+        lines = [f"rollout: all {len(batches[0])} host(s) in one batch, up to {at_once} at once"]
+    else:
+        shown = "; ".join(f"batch {number}: {_names(batch)}"
+                          for number, batch in enumerate(batches, 1))
+        lines = [f"rollout: {shown} (up to {at_once} hosts at once)"]
+    if rollout.get("max_failures") is not None:
+        lines.append(f"circuit breaker: no new host starts once more than "
+                     f"{rollout['max_failures']} failed")
+    if rollout.get("between_batches") and len(batches) > 1:
+        lines.append("between batches, on this controller (not in a dry-run): "
+                     + _one_line(rollout["between_batches"]))
+    return lines
+
+
+def _names(batch: list[str], most: int = 5) -> str:
+    if len(batch) <= most:
+        return ", ".join(batch)
+    return f"{len(batch)} hosts ({', '.join(batch[:most])}, …)"
 
 
 def run_table(doc: dict[str, Any]) -> Table:

@@ -172,6 +172,29 @@ def test_a_secret_by_var_must_be_a_reference_and_is_then_redacted_everywhere(cli
     assert b"[REDACTED]" in written and secret.encode() not in written  # nor its echo
 
 
+def test_a_dry_run_shows_the_rollout_a_runbook_change_would_make(cli: Cli) -> None:
+    first, *rest = cli.fleet.names
+    marker = cli.tmp / "checked"
+    cli.runbook("rolling", f"""
+        batches: [1, 100%]
+        max_failures: 0
+        between_batches: touch {marker}
+        steps: [{{name: fine, run: 'true'}}]
+    """)
+    plan = cli("plan", "rolling")
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    assert lines[1:4] == [
+        f"DRY RUN rollout: batch 1: {first}; batch 2: {', '.join(rest)} (up to 10 hosts at once)",
+        "DRY RUN circuit breaker: no new host starts once more than 0 failed",
+        f"DRY RUN between batches, on this controller (not in a dry-run): touch {marker}",
+    ]
+    assert not marker.exists()
+    rollout = json.loads(cli("plan", "rolling", "--json").stdout)["rollout"]
+    assert rollout == {"batches": [[first], rest], "concurrency": 10, "max_failures": 0,
+                       "between_batches": f"touch {marker}"}
+
+
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
     cli.runbook("fails", "steps: [{name: nope, run: 'false'}]")
     cli.runbook("breaks", "{max_failures: 0, concurrency: 1, steps: [{name: nope, run: 'false'}]}")
