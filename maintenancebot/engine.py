@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from maintenancebot.approvals import ApprovalDesk, ApprovalNotifier
 from maintenancebot.errors import MaintenanceBotError
-from maintenancebot.hostrun import HostRun
+from maintenancebot.hostrun import STEP_OUTPUT_LIMIT, HostRun
 from maintenancebot.models import Host
 from maintenancebot.plan import Plan
 from maintenancebot.runcontrol import Observer, RunControl
@@ -189,7 +189,8 @@ class Engine:
             return
         transport = self._open_transport(_CONTROLLER)
         try:
-            result = transport.run(Command(script=check, timeout=300))
+            result = transport.run(Command(script=check, timeout=300,
+                                           output_limit=STEP_OUTPUT_LIMIT))
         except MaintenanceBotError as exc:
             control.abort(f"between_batches check after batch {number} failed: {exc}")
             return

@@ -30,6 +30,10 @@ from maintenancebot.transports.base import Command, Transport, TransportFactory
 
 log = logging.getLogger(__name__)
 
+# What a step's command keeps of its stdout and of its stderr, from the end: enough for any
+# `register` a runbook reasons about, and at most ~10 MB per host however much it prints.
+STEP_OUTPUT_LIMIT = 4 << 20
+
 
 @dataclass
 class StepOutcome:
@@ -219,8 +223,8 @@ class HostRun:
                 return self._apply_action(transport, index, step, args)
             assert script is not None, "a `run:` step always renders its script"
             result = transport.run(Command(
-                script=script, sudo=self._sudo(step), timeout=self.control.bound(step.timeout)),
-                before_start=recorded)
+                script=script, sudo=self._sudo(step), timeout=self.control.bound(step.timeout),
+                output_limit=STEP_OUTPUT_LIMIT), before_start=recorded)
         except CommandTimeout as exc:
             return StepOutcome(StepStatus.TIMED_OUT, stdout=exc.stdout, stderr=exc.stderr,
                                error=f"killed after {time.monotonic() - started:.1f}s: {exc}")

@@ -158,6 +158,21 @@ def test_a_secret_runs_in_commands_but_their_records_show_it_masked_whatever_the
         assert form.encode() not in written
 
 
+def test_a_step_that_floods_its_output_keeps_its_last_megabytes(bench: Bench) -> None:
+    host = bench.fleet.names[0]
+    outcome = bench.run(f"""
+        hosts: [{host}]
+        steps:
+          - {{name: flood, run: 'seq 1 2000000', register: flood, readonly: true}}
+          - name: look
+            when: "flood.stdout_lines[0].startswith('[maintenancebot: ') and
+                   flood.stdout_lines[-1] == '2000000' and flood.stdout | length < 4200000"
+            run: touch {{{{ root }}}}/kept-the-end
+    """)
+    assert outcome.status is RunStatus.SUCCEEDED
+    assert (bench.fleet.root(host) / "kept-the-end").exists()
+
+
 def test_unreachable_and_wrong_key_hosts_fail_alone_with_clear_reasons(
     fleet: Fleet, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from maintenancebot.testing.fleet import Fleet
 from maintenancebot.transports.base import (
     KILL_GRACE,
     Command,
+    OutputTail,
     Transport,
     controller_deadline,
     wrap_script,
@@ -112,6 +113,37 @@ def test_megabytes_on_both_streams_do_not_deadlock(transport: Transport) -> None
     result = transport.run(Command(script, timeout=60))
     assert (len(result.stdout), set(result.stdout)) == (4_000_000, {"o"})
     assert (len(result.stderr), set(result.stderr)) == (3_000_000, {"e"})
+
+
+def test_an_output_limit_keeps_each_stream_s_end_and_says_how_much_went(
+        transport: Transport) -> None:
+    # 3 MB of numbered lines on stdout, 2 MB on stderr, at once: only the last 1000 bytes stay.
+    script = ("(seq 1 300000 | sed 's/^/e/' >&2) & seq 1 400000; wait")
+    result = transport.run(Command(script, timeout=60, output_limit=1000))
+    for text, prefix, last in ((result.stdout, "", 400000), (result.stderr, "e", 300000)):
+        head, kept = text.split("\n", 1)
+        assert len(kept.encode()) == 1000 and kept.endswith(f"\n{prefix}{last}\n")
+        full = sum(len(f"{prefix}{n}\n") for n in range(1, last + 1))
+        assert head == (f"[maintenancebot: {full - 1000} bytes of output dropped; the last 1000 "
+                        "follow]")
+    small = transport.run(Command("echo hello", output_limit=1000))
+    assert small.stdout == "hello\n", "what fits is kept whole, without a note"
+
+
+def test_output_tail_keeps_exactly_the_last_bytes_of_any_chunking() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 400)))
+        limit = rng.choice([None, 0, 1, 7, 64, 1000])
+        tail = OutputTail(limit)
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randrange(1, 6))))
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            tail.add(data[start:end])
+        kept = data if limit is None else data[len(data) - min(limit, len(data)):]
+        dropped = len(data) - len(kept)
+        note = (f"[maintenancebot: {dropped} bytes of output dropped; the last {len(kept)} "
+                "follow]\n").encode() if dropped else b""
+        assert tail.value() == note + kept
 
 
 def test_output_that_is_not_utf8_is_replaced_not_fatal(transport: Transport) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +29,48 @@ class Command:
     timeout: float | None = None
     sudo: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    # Keep only the last this many bytes of stdout and of stderr (None: all). A runbook's
+    # command gets a limit, so that one printing gigabytes cannot take the controller's memory
+    # (and every other host's run) with it; the bot's own helpers print bounded reports.
+    output_limit: int | None = None
+
+
+class OutputTail:
+    """The last `limit` bytes of a stream, kept as it arrives (all of it when `limit` is
+    None), and how many bytes before them were dropped."""
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._dropped = 0
+
+    def add(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        limit = self._limit
+        while limit is not None and self._chunks and self._size - len(self._chunks[0]) >= limit:
+            first = self._chunks.popleft()  # whole chunks: no copying while a flood goes on
+            self._size -= len(first)
+            self._dropped += len(first)
+
+    def value(self) -> bytes:
+        """What was kept; if anything was dropped, a line before it says how much."""
+        data = b"".join(self._chunks)
+        dropped = self._dropped
+        if self._limit is not None and len(data) > self._limit:
+            dropped += len(data) - self._limit
+            data = data[len(data) - self._limit:]
+        if not dropped:
+            return data
+        return (f"[maintenancebot: {dropped} bytes of output dropped; the last {len(data)} "
+                "follow]\n").encode() + data
+
+
+def keep_tail(data: bytes, limit: int | None) -> bytes:
+    tail = OutputTail(limit)
+    tail.add(data)
+    return tail.value()
 
 
 @dataclass(frozen=True)

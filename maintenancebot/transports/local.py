@@ -20,7 +20,13 @@ from typing import Self
 
 from maintenancebot.errors import CommandTimeout, TransportError
 from maintenancebot.models import Host
-from maintenancebot.transports.base import Command, CommandResult, controller_deadline, wrap_script
+from maintenancebot.transports.base import (
+    Command,
+    CommandResult,
+    controller_deadline,
+    keep_tail,
+    wrap_script,
+)
 
 _TIMEOUT_RCS = (124, 137)  # GNU timeout: 124 after SIGTERM, 128+9 when it had to SIGKILL
 _DRAIN_SECONDS = 1.0  # after a kill, how long to wait for output a stray process still holds
@@ -72,6 +78,8 @@ class LocalTransport:
                 f"(its timeout was {command.timeout:g}s); killed its process session",
                 _text(out), _text(err), time.monotonic() - started,
             ) from None
+        # Read whole first (the memory is spent): the same result as over SSH, not its bound.
+        out, err = keep_tail(out, command.output_limit), keep_tail(err, command.output_limit)
         return self._result(command, _rc(proc.returncode), out, err, time.monotonic() - started)
 
     def _result(

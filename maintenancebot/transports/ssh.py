@@ -228,7 +228,7 @@ class SshTransport:
                 before_start()
             channel.exec_command(_remote_line(command))
             _feed_stdin(channel, command.stdin)
-            out, err, done = collect(channel, deadline)
+            out, err, done = collect(channel, deadline, command.output_limit)
             if not (done and channel.status_event.wait(remaining(deadline))):
                 raise self._abandoned(command, out, err, time.monotonic() - started)
             rc = self._exit_status(channel)

@@ -11,26 +11,30 @@ import threading
 import time
 from typing import Any
 
+from maintenancebot.transports.base import OutputTail
+
 CHUNK = 65536
 POLL_SECONDS = 1.0  # upper bound of one wait; data, EOF and a lost connection wake us earlier
 
 
-def collect(channel: Any, deadline: float | None) -> tuple[bytes, bytes, bool]:
-    """Read stdout and stderr together until EOF (True) or the deadline (False)."""
-    out, err = bytearray(), bytearray()
+def collect(channel: Any, deadline: float | None,
+            limit: int | None = None) -> tuple[bytes, bytes, bool]:
+    """Read stdout and stderr together until EOF (True) or the deadline (False), keeping the
+    last `limit` bytes of each (`OutputTail`)."""
+    out, err = OutputTail(limit), OutputTail(limit)
     arrivals = Arrivals(channel)
     while True:
         # Checked before draining: data sent before EOF is then certainly in the buffers.
         ended = channel.eof_received or channel.closed
         while channel.recv_ready():
-            out += channel.recv(CHUNK)
+            out.add(channel.recv(CHUNK))
         while channel.recv_stderr_ready():
-            err += channel.recv_stderr(CHUNK)
+            err.add(channel.recv_stderr(CHUNK))
         if ended:
-            return bytes(out), bytes(err), True
+            return out.value(), err.value(), True
         wait = remaining(deadline)
         if wait is not None and wait <= 0:
-            return bytes(out), bytes(err), False
+            return out.value(), err.value(), False
         arrivals.wait(POLL_SECONDS if wait is None else min(POLL_SECONDS, wait))
 
 
