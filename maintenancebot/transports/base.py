@@ -67,12 +67,6 @@ class OutputTail:
                 "follow]\n").encode() + data
 
 
-def keep_tail(data: bytes, limit: int | None) -> bytes:
-    tail = OutputTail(limit)
-    tail.add(data)
-    return tail.value()
-
-
 @dataclass(frozen=True)
 class CommandResult:
     rc: int

@@ -12,24 +12,26 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Any, Self
 
 from maintenancebot.errors import CommandTimeout, TransportError
 from maintenancebot.models import Host
 from maintenancebot.transports.base import (
     Command,
     CommandResult,
+    OutputTail,
     controller_deadline,
-    keep_tail,
     wrap_script,
 )
 
 _TIMEOUT_RCS = (124, 137)  # GNU timeout: 124 after SIGTERM, 128+9 when it had to SIGKILL
 _DRAIN_SECONDS = 1.0  # after a kill, how long to wait for output a stray process still holds
+_CHUNK = 65536
 
 
 class LocalTransport:
@@ -69,18 +71,20 @@ class LocalTransport:
             )
         except OSError as exc:
             raise TransportError(f"{self.host.name}: cannot start sh: {exc}") from exc
-        try:
-            out, err = proc.communicate(command.stdin, timeout=controller_deadline(command))
-        except subprocess.TimeoutExpired:
-            out, err = _kill_session(proc)
+        streams = _Streams(proc, command.stdin, command.output_limit)
+        deadline = controller_deadline(command)
+        # Done when both pipes are closed, as `communicate` would be: a child left in the
+        # background still holding them keeps the command running.
+        if not streams.finish(deadline) or _still_running(proc, deadline, started):
+            _kill_session(proc, streams)
             raise CommandTimeout(
                 f"{self.host.name}: command still running after {time.monotonic() - started:.0f}s "
                 f"(its timeout was {command.timeout:g}s); killed its process session",
-                _text(out), _text(err), time.monotonic() - started,
-            ) from None
-        # Read whole first (the memory is spent): the same result as over SSH, not its bound.
-        out, err = keep_tail(out, command.output_limit), keep_tail(err, command.output_limit)
-        return self._result(command, _rc(proc.returncode), out, err, time.monotonic() - started)
+                _text(streams.out.value()), _text(streams.err.value()),
+                time.monotonic() - started,
+            )
+        return self._result(command, _rc(proc.returncode), streams.out.value(),
+                            streams.err.value(), time.monotonic() - started)
 
     def _result(
         self, command: Command, rc: int, out: bytes, err: bytes, duration: float
@@ -112,8 +116,58 @@ class LocalTransport:
             raise TransportError(f"{self.host.name}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _kill_session(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
-    """SIGKILL every process of the command's session, then collect what it printed.
+class _Streams:
+    """A command's stdout and stderr, each drained by a thread of its own into an `OutputTail`
+    (so a flood of output costs at most the tail's bound), and its stdin fed by a third."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stdin: bytes | None,
+                 limit: int | None) -> None:
+        self.out, self.err = OutputTail(limit), OutputTail(limit)
+        assert proc.stdout is not None and proc.stderr is not None
+        work: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (_drain, (proc.stdout, self.out)), (_drain, (proc.stderr, self.err))]
+        if stdin is not None:
+            work.append((_feed, (proc.stdin, stdin)))
+        self._threads = [threading.Thread(target=target, args=args, daemon=True)
+                         for target, args in work]
+        for thread in self._threads:
+            thread.start()
+
+    def finish(self, seconds: float | None) -> bool:
+        """Whether the pipes closed (and stdin was written) within `seconds` (None: wait)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+
+def _drain(pipe: IO[bytes], tail: OutputTail) -> None:
+    with pipe:
+        for chunk in iter(lambda: pipe.read1(_CHUNK), b""):  # type: ignore[attr-defined]
+            tail.add(chunk)
+
+
+def _feed(pipe: IO[bytes], data: bytes) -> None:
+    try:
+        with pipe:
+            pipe.write(data)
+    except (BrokenPipeError, ValueError):
+        pass  # the command did not read it all (or the pipe was closed on a kill): its choice
+
+
+def _still_running(proc: subprocess.Popen[bytes], deadline: float | None,
+                   started: float) -> bool:
+    """Pipes closed: the command has ended or is about to; True if not by the deadline."""
+    try:
+        proc.wait(None if deadline is None
+                  else max(0.0, deadline - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        return True
+    return False
+
+
+def _kill_session(proc: subprocess.Popen[bytes], streams: _Streams) -> None:
+    """SIGKILL every process of the command's session, and keep what it printed until then.
 
     The process group alone is not enough: GNU `timeout` moves itself and the script into a group
     of their own, inside our session."""
@@ -122,15 +176,11 @@ def _kill_session(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    try:
-        return proc.communicate(timeout=_DRAIN_SECONDS)
-    except subprocess.TimeoutExpired as exc:
-        # Something left the session (setsid) and still holds our pipes: keep what we have.
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        proc.wait()
-        return exc.stdout or b"", exc.stderr or b""
+    # Something that left the session (setsid) may still hold our pipes: keep what arrived by
+    # then. Its drain threads (daemons) end when it closes them; closing the pipes here would
+    # wait for them, as a reader holds each pipe's lock.
+    streams.finish(_DRAIN_SECONDS)
+    proc.wait()
 
 
 def _session_members(sid: int) -> list[int]:
