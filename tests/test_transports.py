@@ -133,14 +133,15 @@ def test_an_output_limit_keeps_each_stream_s_end_and_says_how_much_went(
 
 
 def test_a_flood_of_output_costs_only_the_kept_tail_of_memory() -> None:
-    # In a process of its own, so that its peak RSS is the transport's: 300 MB printed, 4 MiB kept.
+    # In a process of its own, so that its peak RSS is the transport's: 1 GB printed, 4 MiB kept.
+    # (The peak is 40-160 MB with malloc's churn under load; reading it all would be > 1 GB.)
     probe = textwrap.dedent("""
         import resource
         from maintenancebot.models import Host
         from maintenancebot.transports.base import Command
         from maintenancebot.transports.local import LocalTransport
         local = LocalTransport(Host(name="l", address="localhost", connection="local"))
-        flood = "head -c 300000000 /dev/zero | tr '\\\\0' a"
+        flood = "head -c 1000000000 /dev/zero | tr '\\\\0' a"
         result = local.run(Command(flood, timeout=120, output_limit=4 << 20))
         print(len(result.stdout), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     """)
@@ -148,7 +149,7 @@ def test_a_flood_of_output_costs_only_the_kept_tail_of_memory() -> None:
                           timeout=120, check=True)
     kept, peak_mb = map(int, done.stdout.split())
     assert 4 << 20 < kept < (4 << 20) + 100
-    assert peak_mb < 150, f"peak RSS {peak_mb} MB for a 4 MiB tail"
+    assert peak_mb < 400, f"peak RSS {peak_mb} MB for a 4 MiB tail"
 
 
 def test_output_tail_keeps_exactly_the_last_bytes_of_any_chunking() -> None:

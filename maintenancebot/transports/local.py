@@ -72,10 +72,10 @@ class LocalTransport:
         except OSError as exc:
             raise TransportError(f"{self.host.name}: cannot start sh: {exc}") from exc
         streams = _Streams(proc, command.stdin, command.output_limit)
-        deadline = controller_deadline(command)
+        allowed = controller_deadline(command)  # seconds from `started`, or None
         # Done when both pipes are closed, as `communicate` would be: a child left in the
         # background still holding them keeps the command running.
-        if not streams.finish(deadline) or _still_running(proc, deadline, started):
+        if not streams.finish(allowed) or _still_running(proc, allowed, started):
             _kill_session(proc, streams)
             raise CommandTimeout(
                 f"{self.host.name}: command still running after {time.monotonic() - started:.0f}s "
@@ -155,12 +155,13 @@ def _feed(pipe: IO[bytes], data: bytes) -> None:
         pass  # the command did not read it all (or the pipe was closed on a kill): its choice
 
 
-def _still_running(proc: subprocess.Popen[bytes], deadline: float | None,
+def _still_running(proc: subprocess.Popen[bytes], allowed: float | None,
                    started: float) -> bool:
-    """Pipes closed: the command has ended or is about to; True if not by the deadline."""
+    """Pipes closed: the command has ended or is about to; True if not `allowed` seconds
+    after `started`."""
     try:
-        proc.wait(None if deadline is None
-                  else max(0.0, deadline - (time.monotonic() - started)))
+        proc.wait(None if allowed is None
+                  else max(0.0, allowed - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
         return True
     return False
