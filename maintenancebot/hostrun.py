@@ -153,19 +153,24 @@ class HostRun:
             return self._decide(index, step, StepStatus.UNKNOWN, reason=(
                 f"depends on {', '.join(sorted(blocked))}, which a dry-run does not run"))
         if step.when is not None:
+            when, templates = step.when, self.plan.templates
             try:
-                holds = self.plan.templates.evaluate(step.when, context)
+                holds = templates.evaluate(when, context)
             except TemplateError as exc:
-                self._settle_parked(StepStatus.INTERRUPTED, f"when: {exc}")
-                return self._fail_unrun(index, step, f"when: {exc}")
+                told = _told(exc, context, shown_context, lambda c: templates.evaluate(when, c))
+                why = f"when: {told}"
+                self._settle_parked(StepStatus.INTERRUPTED, why)
+                return self._fail_unrun(index, step, why)
             if not holds:
                 self._settle_parked(StepStatus.DENIED, "its condition no longer holds")
                 return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
         try:
             rendered = self._render(step, context, shown_context)
         except (TemplateError, ValidationError) as exc:
-            self._settle_parked(StepStatus.INTERRUPTED, f"cannot render: {exc}")
-            return self._fail_unrun(index, step, f"cannot render: {exc}")
+            told = _told(exc, context, shown_context, lambda c: self._render(step, c, c))
+            why = f"cannot render: {told}"
+            self._settle_parked(StepStatus.INTERRUPTED, why)
+            return self._fail_unrun(index, step, why)
         if step.gated and self.dry_run:
             return self._gate_preview(index, step, rendered.command)
         if step.gated:
@@ -497,6 +502,21 @@ class HostRun:
         else:
             self.control.host_finished(self.host.name, status, contained=self.contained)
         return status
+
+
+def _told(error: Exception, context: dict[str, Any], shown_context: dict[str, Any],
+          attempt: Callable[[dict[str, Any]], object]) -> str:
+    """A template's error as the records may say it. Its message can quote a value (`'dict
+    object' has no attribute 'HUNTER2'`, pydantic's input_value=...), so with secrets about, it
+    is the message of the same `attempt` without them; if that one succeeds, the error came
+    from a secret's value, and only that is said."""
+    if shown_context is context:
+        return str(error)
+    try:
+        attempt(shown_context)
+    except (TemplateError, ValidationError) as shown_error:
+        return str(shown_error)
+    return "the error depends on a secret's value, so its message is not shown"
 
 
 def _from_report(report: ActionReport) -> StepOutcome:

@@ -158,6 +158,32 @@ def test_a_secret_runs_in_commands_but_their_records_show_it_masked_whatever_the
         assert form.encode() not in written
 
 
+def test_a_render_error_never_quotes_a_secret(bench: Bench,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "Err0r-Pl4nt-7vQm"
+    monkeypatch.setenv("MB_PLANTED_ERR", secret)
+    host = bench.fleet.names[0]
+    outcome = bench.run(f"""
+        hosts: [{host}]
+        vars: {{token: env:MB_PLANTED_ERR}}
+        steps:
+          - {{name: quotes, run: "echo {{{{ {{}}[token | upper] }}}}", on_failure: continue}}
+          - {{name: asks, when: "{{}}[token | lower] == 1", run: "true", on_failure: continue}}
+          - {{name: depends, run: "echo {{{{ {{'[REDACTED]': 1}}[token] }}}}"}}
+    """)
+    assert outcome.status is RunStatus.FAILED
+    errors = {s["name"]: s["error"] for s in bench.steps(outcome.run_id, host)}
+    assert errors["quotes"] == ("cannot render: undefined variable: 'dict object' has no "
+                                "attribute '[REDACTED]'")
+    assert errors["asks"] == ("when: undefined variable: 'dict object' has no attribute "
+                              "'[redacted]'")
+    assert errors["depends"] == ("cannot render: the error depends on a secret's value, so its "
+                                 "message is not shown")
+    written = b"".join(p.read_bytes() for p in (bench.tmp / "state").rglob("*") if p.is_file())
+    for form in (secret, secret.upper(), secret.lower()):
+        assert form.encode() not in written
+
+
 def test_a_step_that_floods_its_output_keeps_its_last_megabytes(bench: Bench) -> None:
     host = bench.fleet.names[0]
     outcome = bench.run(f"""
