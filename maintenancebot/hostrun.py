@@ -396,7 +396,9 @@ class HostRun:
                 command = (script if done.shown_context is done.context
                            else templates.render_shell(step.rollback, done.shown_context))
             except TemplateError as exc:
-                self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=str(exc)))
+                told = _told(exc, done.context, done.shown_context,
+                             lambda c: templates.render_shell(step.rollback or "", c))
+                self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=told))
                 return StepStatus.ROLLBACK_FAILED
             recorded = self.store.step_starting(self.run_id, self.host.name, done.index,
                                                 step.name, kind="rollback", command=command)

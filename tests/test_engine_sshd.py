@@ -167,12 +167,16 @@ def test_a_render_error_never_quotes_a_secret(bench: Bench,
         hosts: [{host}]
         vars: {{token: env:MB_PLANTED_ERR}}
         steps:
+          - {{name: keep, run: "true", rollback: "echo {{{{ {{}}[token | title] }}}}"}}
           - {{name: quotes, run: "echo {{{{ {{}}[token | upper] }}}}", on_failure: continue}}
           - {{name: asks, when: "{{}}[token | lower] == 1", run: "true", on_failure: continue}}
           - {{name: depends, run: "echo {{{{ {{'[REDACTED]': 1}}[token] }}}}"}}
     """)
     assert outcome.status is RunStatus.FAILED
-    errors = {s["name"]: s["error"] for s in bench.steps(outcome.run_id, host)}
+    steps = bench.steps(outcome.run_id, host)
+    errors = {s["name"]: s["error"] for s in steps if s["kind"] == "step"}
+    (undo,) = [s for s in steps if s["kind"] == "rollback"]
+    assert undo["error"] == "undefined variable: 'dict object' has no attribute '[Redacted]'"
     assert errors["quotes"] == ("cannot render: undefined variable: 'dict object' has no "
                                 "attribute '[REDACTED]'")
     assert errors["asks"] == ("when: undefined variable: 'dict object' has no attribute "
@@ -180,7 +184,7 @@ def test_a_render_error_never_quotes_a_secret(bench: Bench,
     assert errors["depends"] == ("cannot render: the error depends on a secret's value, so its "
                                  "message is not shown")
     written = b"".join(p.read_bytes() for p in (bench.tmp / "state").rglob("*") if p.is_file())
-    for form in (secret, secret.upper(), secret.lower()):
+    for form in (secret, secret.upper(), secret.lower(), secret.title()):
         assert form.encode() not in written
 
 
