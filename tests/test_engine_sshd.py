@@ -4,6 +4,7 @@ rollback, unreachable and wrong-key hosts, timeouts, the breaker, the kill switc
 from __future__ import annotations
 
 import subprocess
+import textwrap
 import threading
 import time
 from datetime import datetime
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from maintenancebot.engine import RunOutcome
 from maintenancebot.runcontrol import Event
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.testing.fleet import Fleet
@@ -131,19 +133,29 @@ def test_failing_step_rolls_back_its_host_in_reverse_order_and_others_finish(ben
             assert (bench.fleet.root(other) / "log").read_text().split() == ["do1", "do2", "do4"]
 
 
+def run_with_planted(bench: Bench, monkeypatch: pytest.MonkeyPatch, secret: str,
+                     steps: str) -> tuple[RunOutcome, str]:
+    """`steps` run on the first host, whose var `token` is `secret` by reference (env:)."""
+    monkeypatch.setenv("MB_PLANTED", secret)
+    host = bench.fleet.names[0]
+    runbook = f"hosts: [{host}]\nvars: {{token: env:MB_PLANTED}}\nsteps:\n"
+    return bench.run(runbook + textwrap.indent(textwrap.dedent(steps), "  ")), host
+
+
+def assert_nowhere_stored(bench: Bench, *forms: str) -> None:
+    written = b"".join(p.read_bytes() for p in (bench.tmp / "state").rglob("*") if p.is_file())
+    for form in forms:
+        assert form.encode() not in written, form
+
+
 def test_a_secret_runs_in_commands_but_their_records_show_it_masked_whatever_the_filter(
         bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "Pl4nt-Tok3n-xq81Zv"
-    monkeypatch.setenv("MB_PLANTED_TOKEN", secret)
-    host = bench.fleet.names[0]
-    outcome = bench.run(f"""
-        hosts: [{host}]
-        vars: {{token: env:MB_PLANTED_TOKEN}}
-        steps:
-          - name: keep
-            run: echo {{{{ token | upper }}}}{{{{ token[3:] }}}} > {{{{ root }}}}/kept
-            rollback: echo {{{{ token | reverse }}}} > {{{{ root }}}}/undone
-          - {{name: fails, run: 'false'}}
+    outcome, host = run_with_planted(bench, monkeypatch, secret, """
+        - name: keep
+          run: echo {{ token | upper }}{{ token[3:] }} > {{ root }}/kept
+          rollback: echo {{ token | reverse }} > {{ root }}/undone
+        - {name: fails, run: 'false'}
     """)
     assert outcome.status is RunStatus.FAILED
     root = bench.fleet.root(host)
@@ -153,24 +165,17 @@ def test_a_secret_runs_in_commands_but_their_records_show_it_masked_whatever_the
     steps = bench.steps(outcome.run_id, host)
     assert [s["command"] for s in steps if s["name"] == "keep"] == [
         f"echo '[REDACTED]''DACTED]' > {root}/kept", f"echo ']DETCADER[' > {root}/undone"]
-    written = b"".join(p.read_bytes() for p in (bench.tmp / "state").rglob("*") if p.is_file())
-    for form in (secret, secret.upper(), secret[3:], secret[::-1]):
-        assert form.encode() not in written
+    assert_nowhere_stored(bench, secret, secret.upper(), secret[3:], secret[::-1])
 
 
 def test_a_render_error_never_quotes_a_secret(bench: Bench,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "Err0r-Pl4nt-7vQm"
-    monkeypatch.setenv("MB_PLANTED_ERR", secret)
-    host = bench.fleet.names[0]
-    outcome = bench.run(f"""
-        hosts: [{host}]
-        vars: {{token: env:MB_PLANTED_ERR}}
-        steps:
-          - {{name: keep, run: "true", rollback: "echo {{{{ {{}}[token | title] }}}}"}}
-          - {{name: quotes, run: "echo {{{{ {{}}[token | upper] }}}}", on_failure: continue}}
-          - {{name: asks, when: "{{}}[token | lower] == 1", run: "true", on_failure: continue}}
-          - {{name: depends, run: "echo {{{{ {{'[REDACTED]': 1}}[token] }}}}"}}
+    outcome, host = run_with_planted(bench, monkeypatch, secret, """
+        - {name: keep, run: "true", rollback: "echo {{ {}[token | title] }}"}
+        - {name: quotes, run: "echo {{ {}[token | upper] }}", on_failure: continue}
+        - {name: asks, when: "{}[token | lower] == 1", run: "true", on_failure: continue}
+        - {name: depends, run: "echo {{ {'[REDACTED]': 1}[token] }}"}
     """)
     assert outcome.status is RunStatus.FAILED
     steps = bench.steps(outcome.run_id, host)
@@ -183,9 +188,7 @@ def test_a_render_error_never_quotes_a_secret(bench: Bench,
                               "'[redacted]'")
     assert errors["depends"] == ("cannot render: the error depends on a secret's value, so its "
                                  "message is not shown")
-    written = b"".join(p.read_bytes() for p in (bench.tmp / "state").rglob("*") if p.is_file())
-    for form in (secret, secret.upper(), secret.lower(), secret.title()):
-        assert form.encode() not in written
+    assert_nowhere_stored(bench, secret, secret.upper(), secret.lower(), secret.title())
 
 
 def test_a_step_that_floods_its_output_keeps_its_last_megabytes(bench: Bench) -> None:
