@@ -190,9 +190,10 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
         # does not know as a secret is shown wherever the command that uses it is.
         inline = inline_secrets(parsed)
         if inline:
+            key = inline[0].split(".")[0]
             raise click.BadParameter(
                 f"{', '.join(inline)}: write secrets as env:NAME or file:/path, never inline "
-                f"(e.g. --var {inline[0].split('.')[0]}=env:DB_PASSWORD)", param_hint="--var")
+                f"(e.g. --var {key}=env:{key.upper()})", param_hint="--var")
     return parsed
 
 
