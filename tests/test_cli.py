@@ -327,7 +327,7 @@ def test_a_run_on_a_terminal_draws_its_table(cli: Cli) -> None:
 def test_loading_pauses_the_collector_and_freezes_what_it_loaded() -> None:
     import gc
 
-    from maintenancebot.cli import _loading
+    from maintenancebot.cli_run import _loading
 
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
