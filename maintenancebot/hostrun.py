@@ -1,4 +1,5 @@
-"""One host's walk through its steps: conditions, rendering, execution, recording, rollback.
+"""One host's walk through its steps: conditions, execution, recording, rollback (rendering
+a step is `step_render`).
 
 Owned here: the order of steps on one host and what happens to that host when a step fails.
 Not here: anything that concerns several hosts (batches, the breaker, concurrency: `engine`),
@@ -23,6 +24,7 @@ from maintenancebot.models import Host, Step
 from maintenancebot.plan import Plan, host_contexts
 from maintenancebot.runcontrol import RunControl
 from maintenancebot.states import HostStatus, StepStatus, transition
+from maintenancebot.step_render import Rendered, reads_of, render_shell, render_step, told
 from maintenancebot.store import RunStore
 from maintenancebot.store_approvals import APPROVED, CANCELLED
 from maintenancebot.templating import Registered
@@ -59,19 +61,6 @@ class Completed:
     shown_context: dict[str, Any]  # what its records show (plan.host_contexts)
     args: Any = None
     report: ActionReport | None = None
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A step made concrete for one host: `script` is what runs (a `run:` step's shell line,
-    its secrets in it), `command` what every record, approval and report shows (the same
-    templates rendered with each secret [REDACTED]); `args` an action's validated arguments."""
-
-    command: str
-    script: str | None
-    args: Any
-    context: dict[str, Any]
-    shown_context: dict[str, Any]
 
 
 @dataclass
@@ -152,23 +141,24 @@ class HostRun:
         if blocked:
             return self._decide(index, step, StepStatus.UNKNOWN, reason=(
                 f"depends on {', '.join(sorted(blocked))}, which a dry-run does not run"))
+        templates = self.plan.templates
         if step.when is not None:
-            when, templates = step.when, self.plan.templates
+            when = step.when
             try:
                 holds = templates.evaluate(when, context)
             except TemplateError as exc:
-                told = _told(exc, context, shown_context, lambda c: templates.evaluate(when, c))
-                why = f"when: {told}"
+                said = told(exc, context, shown_context, lambda c: templates.evaluate(when, c))
+                why = f"when: {said}"
                 self._settle_parked(StepStatus.INTERRUPTED, why)
                 return self._fail_unrun(index, step, why)
             if not holds:
                 self._settle_parked(StepStatus.DENIED, "its condition no longer holds")
                 return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
         try:
-            rendered = self._render(step, context, shown_context)
+            rendered = render_step(templates, step, context, shown_context)
         except (TemplateError, ValidationError) as exc:
-            told = _told(exc, context, shown_context, lambda c: self._render(step, c, c))
-            why = f"cannot render: {told}"
+            said = told(exc, context, shown_context, lambda c: render_step(templates, step, c, c))
+            why = f"cannot render: {said}"
             self._settle_parked(StepStatus.INTERRUPTED, why)
             return self._fail_unrun(index, step, why)
         if step.gated and self.dry_run:
@@ -178,22 +168,6 @@ class HostRun:
         if self.dry_run and not self._runs_in_dry_run(step):
             return self._preview(transport, index, step, rendered.command, rendered.args)
         return self._run(transport, index, step, rendered)
-
-    def _render(self, step: Step, context: dict[str, Any],
-                shown_context: dict[str, Any]) -> Rendered:
-        templates = self.plan.templates
-        secret_free = shown_context is context
-        if step.run is not None:
-            script = templates.render_shell(step.run, context)
-            command = script if secret_free else templates.render_shell(step.run, shown_context)
-            return Rendered(command, script, None, context, shown_context)
-        action = get_action(step.action or "")
-        assert action is not None, "the loader rejects unknown actions"
-        values = templates.render_value(step.args, context)
-        args = action.Args.model_validate(values)
-        if not secret_free:
-            values = templates.render_value(step.args, shown_context)
-        return Rendered(f"{step.action} {values}", None, args, context, shown_context)
 
     def _run(
         self, transport: Transport, index: int, step: Step, rendered: Rendered,
@@ -390,15 +364,13 @@ class HostRun:
     def _undo(self, transport: Transport, done: Completed) -> StepStatus:
         step = done.step
         if step.rollback is not None:
-            templates = self.plan.templates
+            templates, source = self.plan.templates, step.rollback
             try:
-                script = templates.render_shell(step.rollback, done.context)
-                command = (script if done.shown_context is done.context
-                           else templates.render_shell(step.rollback, done.shown_context))
+                script, command = render_shell(templates, source, done.context, done.shown_context)
             except TemplateError as exc:
-                told = _told(exc, done.context, done.shown_context,
-                             lambda c: templates.render_shell(step.rollback or "", c))
-                self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=told))
+                said = told(exc, done.context, done.shown_context,
+                            lambda c: templates.render_shell(source, c))
+                self._record_rollback(done, None, StepOutcome(StepStatus.FAILED, error=said))
                 return StepStatus.ROLLBACK_FAILED
             recorded = self.store.step_starting(self.run_id, self.host.name, done.index,
                                                 step.name, kind="rollback", command=command)
@@ -475,12 +447,7 @@ class HostRun:
     def _unknown_inputs(self, step: Step) -> set[str]:
         if not self.dry_run or not self.unknown:
             return set()
-        templates = self.plan.templates
-        reads = set(templates.names(step.when, expression=True)) if step.when else set()
-        for source in (step.run, step.rollback, *_strings(step.args)):
-            if source:
-                reads |= templates.names(source)
-        return reads & self.unknown
+        return reads_of(self.plan.templates, step) & self.unknown
 
     def _runs_in_dry_run(self, step: Step) -> bool:
         if step.readonly:
@@ -506,37 +473,12 @@ class HostRun:
         return status
 
 
-def _told(error: Exception, context: dict[str, Any], shown_context: dict[str, Any],
-          attempt: Callable[[dict[str, Any]], object]) -> str:
-    """A template's error as the records may say it. Its message can quote a value (`'dict
-    object' has no attribute 'HUNTER2'`, pydantic's input_value=...), so with secrets about, it
-    is the message of the same `attempt` without them; if that one succeeds, the error came
-    from a secret's value, and only that is said."""
-    if shown_context is context:
-        return str(error)
-    try:
-        attempt(shown_context)
-    except (TemplateError, ValidationError) as shown_error:
-        return str(shown_error)
-    return "the error depends on a secret's value, so its message is not shown"
-
-
 def _from_report(report: ActionReport) -> StepOutcome:
     return StepOutcome(
         StepStatus.OK if report.ok else StepStatus.FAILED, rc=report.rc, changed=report.changed,
         stdout=report.stdout or report.summary, stderr=report.stderr,
         error=None if report.ok else report.summary, details=dict(report.data), report=report,
     )
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for item in value.values() for s in _strings(item)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return []
 
 
 def _action_changed_something(done: Completed) -> bool:
