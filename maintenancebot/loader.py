@@ -187,18 +187,18 @@ def _validate(
 
 def inline_secrets(values: dict[str, Any]) -> list[str]:
     """Where `values` (`--var` pairs, say) hold a secret inline, as KEY or KEY.sub paths."""
-    return [".".join(map(str, where)) for where, item in walk(values)
-            if isinstance(where[-1], str) and _SECRET_KEY.search(where[-1])
-            and _inline_secret(item)]
+    return [".".join(map(str, where)) for where in _inline_secret_locs(values, ())]
 
 
 def _secret_issues(source: Source, value: Any, loc: Loc) -> list[ConfigIssue]:
+    return [source.issue(where, _INLINE_SECRET) for where in _inline_secret_locs(value, loc)]
+
+
+def _inline_secret_locs(value: Any, loc: Loc) -> Iterator[Loc]:
     """Values under secret-looking keys that are not env:NAME / file:/path references."""
-    return [
-        source.issue(where, _INLINE_SECRET)
-        for where, item in walk(value, loc)
-        if isinstance(where[-1], str) and _SECRET_KEY.search(where[-1]) and _inline_secret(item)
-    ]
+    for where, item in walk(value, loc):
+        if isinstance(where[-1], str) and _SECRET_KEY.search(where[-1]) and _inline_secret(item):
+            yield where
 
 
 def _inline_secret(value: Any) -> bool:
