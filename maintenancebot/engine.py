@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from maintenancebot.approvals import ApprovalDesk, ApprovalNotifier
 from maintenancebot.errors import MaintenanceBotError
-from maintenancebot.hostrun import STEP_OUTPUT_LIMIT, HostRun
+from maintenancebot.hostrun import HostRun
 from maintenancebot.models import Host
 from maintenancebot.plan import Plan
 from maintenancebot.runcontrol import Observer, RunControl
 from maintenancebot.states import HostStatus, RunStatus
 from maintenancebot.store import RunRecord, RunStore
-from maintenancebot.transports.base import Command, TransportFactory
+from maintenancebot.transports.base import RUNBOOK_OUTPUT_LIMIT, Command, TransportFactory
 
 if TYPE_CHECKING:  # `resume` loads when a waiting run is resumed, not for every run
     from maintenancebot.resume import HostResume
@@ -190,7 +190,7 @@ class Engine:
         transport = self._open_transport(_CONTROLLER)
         try:
             result = transport.run(Command(script=check, timeout=300,
-                                           output_limit=STEP_OUTPUT_LIMIT))
+                                           output_limit=RUNBOOK_OUTPUT_LIMIT))
         except MaintenanceBotError as exc:
             control.abort(f"between_batches check after batch {number} failed: {exc}")
             return

@@ -28,13 +28,14 @@ from maintenancebot.step_render import Rendered, reads_of, render_shell, render_
 from maintenancebot.store import RunStore
 from maintenancebot.store_approvals import APPROVED, CANCELLED
 from maintenancebot.templating import Registered
-from maintenancebot.transports.base import Command, Transport, TransportFactory
+from maintenancebot.transports.base import (
+    RUNBOOK_OUTPUT_LIMIT,
+    Command,
+    Transport,
+    TransportFactory,
+)
 
 log = logging.getLogger(__name__)
-
-# What a step's command keeps of its stdout and of its stderr, from the end: enough for any
-# `register` a runbook reasons about, and at most ~10 MB per host however much it prints.
-STEP_OUTPUT_LIMIT = 4 << 20
 
 
 @dataclass
@@ -203,7 +204,7 @@ class HostRun:
             assert script is not None, "a `run:` step always renders its script"
             result = transport.run(Command(
                 script=script, sudo=self._sudo(step), timeout=self.control.bound(step.timeout),
-                output_limit=STEP_OUTPUT_LIMIT), before_start=recorded)
+                output_limit=RUNBOOK_OUTPUT_LIMIT), before_start=recorded)
         except CommandTimeout as exc:
             return StepOutcome(StepStatus.TIMED_OUT, stdout=exc.stdout, stderr=exc.stderr,
                                error=f"killed after {time.monotonic() - started:.1f}s: {exc}")

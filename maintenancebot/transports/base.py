@@ -35,6 +35,12 @@ class Command:
     output_limit: int | None = None
 
 
+# What a runbook's command (a step, a rollback, the check between batches) keeps of its stdout
+# and of its stderr, from the end: enough for any `register` a runbook reasons about, and at
+# most ~10 MB per host however much it prints.
+RUNBOOK_OUTPUT_LIMIT = 4 << 20
+
+
 class OutputTail:
     """The last `limit` bytes of a stream, kept as it arrives (all of it when `limit` is
     None), and how many bytes before them were dropped."""
