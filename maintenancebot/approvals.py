@@ -94,12 +94,13 @@ def _refusal(settings: Settings, store: RunStore, request: ApprovalRecord, *, by
 # ------------------------------------------------------------------------------ what is approved
 
 
-def fingerprint(step: Step, command: str, args: Any, preview: dict[str, Any] | None) -> str:
-    """What an approval binds to: the rendered command, the action's arguments and, for an
-    action that can preview itself, what the preview says it would touch."""
-    body = {"step": step.name, "command": command,
-            "args": args.model_dump(mode="json") if hasattr(args, "model_dump") else args,
-            "preview": _stable(preview)}
+def fingerprint(step: Step, command: str, preview: dict[str, Any] | None) -> str:
+    """What an approval binds to: the step as its approvers see it, that is its command (for an
+    action, its rendered arguments) and what its preview says it would touch, both as the store
+    records them. Only what they are shown: a digest of a secret (say, in a backup check's
+    `command`), kept in the store and the audit log, would let whoever reads them test guesses
+    at it offline, and the approvers never saw its value anyway."""
+    body = {"step": step.name, "command": command, "preview": _stable(preview)}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 

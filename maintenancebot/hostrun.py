@@ -274,7 +274,8 @@ class HostRun:
                 self.store.settle_waiting_step(row, StepStatus.FAILED, shown)
                 self.control.emit(self.host.name, step.name, StepStatus.FAILED)
                 return StepOutcome(StepStatus.FAILED, error=shown)
-            digest = fingerprint(step, command, args, shown)
+            digest = fingerprint(step, self.store.as_recorded(command),
+                                 self.store.as_recorded(shown))
             if row is None:
                 row = self.store.record_step(self.run_id, self.host.name, index, step.name,
                                              StepStatus.WAITING, command=command,

@@ -174,6 +174,10 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
             return None
         return json.dumps(self._redact_obj(value), sort_keys=True, default=str)
 
+    def as_recorded(self, value: Any) -> Any:
+        """`value` (a string, or nested dicts and lists) as this store would write it."""
+        return self._redact_obj(value)
+
     def _redact_obj(self, value: Any) -> Any:
         redact_obj = getattr(self._redact, "redact_obj", None)
         if redact_obj is not None:

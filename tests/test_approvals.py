@@ -198,6 +198,33 @@ def test_an_approval_shows_a_secret_masked_in_its_command_and_its_reasons(
     assert gate.lines_of(host, "rotated") == [secret.lower()]  # the secret itself ran
 
 
+def test_an_approval_binds_to_what_its_approvers_saw_not_to_a_secret_they_were_not_shown(
+        gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The digest is kept in the store and the audit log: one that hashed the secret would let
+    # their readers test guesses at it. Two values of the secret, one shown step: one digest.
+    host = gate.fleet.names[0]
+    runbook = f"""
+        hosts: [{host}]
+        vars: {{key: env:MB_PLANTED_KEY}}
+        steps:
+          - name: check
+            action: backup_check
+            with: {{command: "KEY={{{{ key }}}} date +%s", max_age: 1h}}
+            approval: {{required: true, timeout: 10m}}
+    """
+    digests = []
+    for secret in ("Digest-Pl4nt-0ne-x7Q", "Digest-Pl4nt-Tw0-y8R"):
+        monkeypatch.setenv("MB_PLANTED_KEY", secret)
+        gate.start(runbook)
+        request = gate.await_request()
+        entry = request.entry(host)
+        assert entry.command is not None and "KEY=[REDACTED] date" in entry.command
+        digests.append(entry.digest)
+        assert gate.cli("deny", str(request.id), "--by", "alice").returncode == 0
+        assert gate.finish().status is RunStatus.SUCCEEDED
+    assert digests[0] == digests[1]
+
+
 def test_deny_skips_the_step_and_the_hosts_finish(gate: Gate) -> None:
     names = gate.fleet.names
     flag(gate, names[0])
