@@ -10,10 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from maintenancebot.states import RunStatus
+from maintenancebot.store import RunStore
 from maintenancebot.testing.demo import start_docker
 
 
 def test_the_demo_validates_plans_runs_and_shows_history(tmp_path: Path) -> None:
+    # An earlier demo in the same directory: its hosts are gone with its fleet, so its runs
+    # (and the trash they list) must be gone from what this demo shows.
+    with RunStore.of_state_dir(tmp_path / "state") as earlier:
+        earlier.create_run("19990101-000000-earlier", runbook="fleet-health", runbook_path=None,
+                           runbook_hash=None, dry_run=False, started_by="demo", selection=None,
+                           hosts=[("host-01", None)])
+        earlier.finish_run("19990101-000000-earlier", RunStatus.SUCCEEDED)
     result = subprocess.run(
         [sys.executable, "-m", "maintenancebot.testing.demo", "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=180, check=False)
@@ -33,6 +42,7 @@ def test_the_demo_validates_plans_runs_and_shows_history(tmp_path: Path) -> None
     logs = sorted(p.name for p in (first / "var/log/app").iterdir() if not p.name.startswith("."))
     assert logs == ["app.log", "app.log.1.gz", "app.log.2.gz"]
     assert "== maintenancebot trash list" in out and "Trash old temp files" in out
+    assert "earlier" not in out
 
 
 def test_the_demo_sets_up_its_docker_images_again_in_the_same_directory(tmp_path: Path) -> None:

@@ -40,8 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = args.dir.absolute()
-    # A fresh fleet each time (new keys, new files); the run history in state/ is kept.
-    shutil.rmtree(workdir / "fleet", ignore_errors=True)
+    # A fresh fleet each time (new keys, new files), so a fresh state too: an earlier demo's
+    # history, trash entries and approvals would point at hosts and files that are gone.
+    for leftover in ("fleet", "state"):
+        shutil.rmtree(workdir / leftover, ignore_errors=True)
     fleet = Fleet(workdir / "fleet", args.hosts)
     banner(f"starting {args.hosts} sshd hosts on loopback ({workdir / 'fleet'})")
     with fleet:
