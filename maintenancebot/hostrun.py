@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
 from maintenancebot.actions import ActionContext, ActionReport, get_action
 from maintenancebot.approvals import ApprovalDesk, Decision, Parking, condition_values, fingerprint
 from maintenancebot.errors import CommandTimeout, ConnectError, TemplateError, TransportError
@@ -157,7 +155,7 @@ class HostRun:
                 return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
         try:
             rendered = render_step(templates, step, context, shown_context)
-        except (TemplateError, ValidationError) as exc:
+        except TemplateError as exc:
             said = told(exc, context, shown_context, lambda c: render_step(templates, step, c, c))
             why = f"cannot render: {said}"
             self._settle_parked(StepStatus.INTERRUPTED, why)

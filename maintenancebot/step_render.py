@@ -20,6 +20,7 @@ from maintenancebot.actions import get_action
 from maintenancebot.errors import TemplateError
 from maintenancebot.models import Step
 from maintenancebot.templating import Templates
+from maintenancebot.yamlsource import format_loc, plain_message, strip_union_tags
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,31 @@ class Rendered:
 
 def render_step(templates: Templates, step: Step, context: dict[str, Any],
                 shown_context: dict[str, Any]) -> Rendered:
-    """Raises TemplateError, or pydantic's ValidationError for an action's arguments."""
+    """Raises TemplateError, also for an action's arguments that are invalid once rendered."""
     if step.run is not None:
         script, command = render_shell(templates, step.run, context, shown_context)
         return Rendered(command, script, None, context, shown_context)
     action = get_action(step.action or "")
     assert action is not None, "the loader rejects unknown actions"
     values = templates.render_value(step.args, context)
-    args = action.Args.model_validate(values)
+    try:
+        args = action.Args.model_validate(values)
+    except ValidationError as exc:
+        raise TemplateError(_argument_errors(values, exc)) from None
     if shown_context is not context:
         values = templates.render_value(step.args, shown_context)
     return Rendered(f"{step.action} {values}", None, args, context, shown_context)
+
+
+def _argument_errors(values: Any, error: ValidationError) -> str:
+    """`with.paths: glob contains '..': /srv/../x`, as `validate` says it for a literal value;
+    pydantic's own text adds its input and a link, which a report has no room for."""
+    problems = []
+    for err in error.errors():
+        loc, _ = strip_union_tags(values, tuple(err["loc"]), missing=err["type"] == "missing")
+        problems.append(f"{format_loc(('with', *loc), {'with': values})}: "
+                        f"{plain_message(err['msg'])}")
+    return "; ".join(problems)
 
 
 def render_shell(templates: Templates, source: str, context: dict[str, Any],
@@ -61,14 +76,14 @@ def render_shell(templates: Templates, source: str, context: dict[str, Any],
 def told(error: Exception, context: dict[str, Any], shown_context: dict[str, Any],
          attempt: Callable[[dict[str, Any]], object]) -> str:
     """A template's error as the records may say it. Its message can quote a value (`'dict
-    object' has no attribute 'HUNTER2'`, pydantic's input_value=...), so with secrets about, it
+    object' has no attribute 'HUNTER2'`, an argument's check), so with secrets about, it
     is the message of the same `attempt` without them; if that one succeeds, the error came
     from a secret's value, and only that is said."""
     if shown_context is context:
         return str(error)
     try:
         attempt(shown_context)
-    except (TemplateError, ValidationError) as shown_error:
+    except TemplateError as shown_error:
         return str(shown_error)
     return "the error depends on a secret's value, so its message is not shown"
 

@@ -175,6 +175,8 @@ def test_a_render_error_never_quotes_a_secret(bench: Bench,
         - {name: keep, run: "true", rollback: "echo {{ {}[token | title] }}"}
         - {name: quotes, run: "echo {{ {}[token | upper] }}", on_failure: continue}
         - {name: asks, when: "{}[token | lower] == 1", run: "true", on_failure: continue}
+        - {name: args, action: safe_delete, with: {paths: ["{{ token }}/*"], within: /srv},
+           on_failure: continue}
         - {name: depends, run: "echo {{ {'[REDACTED]': 1}[token] }}"}
     """)
     assert outcome.status is RunStatus.FAILED
@@ -186,6 +188,7 @@ def test_a_render_error_never_quotes_a_secret(bench: Bench,
                                 "attribute '[REDACTED]'")
     assert errors["asks"] == ("when: undefined variable: 'dict object' has no attribute "
                               "'[redacted]'")
+    assert errors["args"] == "cannot render: with.paths: glob is not an absolute path: [REDACTED]/*"
     assert errors["depends"] == ("cannot render: the error depends on a secret's value, so its "
                                  "message is not shown")
     assert_nowhere_stored(bench, secret, secret.upper(), secret.lower(), secret.title())
