@@ -206,6 +206,24 @@ class _FakeAction:
     reversible: ClassVar[bool] = True
 
 
+def test_a_templated_path_is_checked_for_what_no_rendering_can_change(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "r.yaml",
+        """\
+steps:
+  - name: clean
+    action: safe_delete
+    with:
+      within: "{{ root }}/app"
+      paths: ["{{ root }}/app/../../*", "{{ root }}/{{ sub }}..{{ sub }}/*"]
+""",
+    )
+    # The second glob may render to a fine path; the first has its `..` whatever `root` is.
+    assert lines_of([path]) == [
+        f"{path}:6: steps[0].with.paths: glob contains '..': {{{{ root }}}}/app/../../*"]
+
+
 def test_action_argument_errors_point_inside_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ their requests; nothing else in the bot deletes files.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from functools import cache
 from importlib import resources
@@ -36,6 +37,9 @@ DEFAULT_MAX_BYTES = 50 << 30
 TOP_FILES_IN_SUMMARY = 5
 
 
+_TEMPLATE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
+
+
 class HelperError(Exception):
     """The host program did not answer with a report (no python3, killed, garbled output)."""
 
@@ -46,7 +50,11 @@ class HelperError(Exception):
 def check_absolute(value: str, what: str) -> str:
     """Absolute and free of `..`: the host refuses anything else, `validate` says so first."""
     if "{{" in value or "{%" in value:
-        return value  # a template: checked after rendering, on the host
+        # A template is checked once rendered, and on the host; a `..` between literal slashes
+        # is there whatever it renders to, so `validate` says so already.
+        if ".." in _TEMPLATE.sub("\0", value).split("/"):
+            raise ValueError(f"{what} contains '..': {value}")
+        return value
     try:
         host_paths.abs_parts(value.encode("utf-8", "surrogateescape"), what)
     except host_paths.Refused as exc:
