@@ -62,12 +62,17 @@ class OutcomeGroup:
 
 @dataclass(frozen=True)
 class Failure:
-    step: str
+    step: str | None      # None: the host failed outside any step (unreachable, stopped)
     status: str
     rc: str | None        # "1", or "1, 127" when the same failure exits differently
     hosts: HostSet
     error: str | None
     tail: str | None      # the last lines of stderr of the first host, redacted
+
+    @property
+    def what(self) -> str:
+        """`"Restart nginx" failed`, or just `unreachable` for a host that failed outside a step."""
+        return self.status if self.step is None else f'"{self.step}" {self.status}'
 
 
 @dataclass(frozen=True)
@@ -169,11 +174,12 @@ def _outcome_groups(hosts: list[dict[str, Any]],
     return tuple(sorted(groups, key=lambda g: (g.status == "succeeded", -g.hosts.total)))
 
 
-def _failure_key(step: dict[str, Any], status: str, host: dict[str, Any]) -> tuple[str, ...]:
+def _failure_key(step: dict[str, Any], status: str, host: dict[str, Any]
+                 ) -> tuple[str | None, str, str, str]:
     """What makes two failures the same: step, status, error, and the last line of stderr
     (the engine's error is often just "exited 1"; the cause is in stderr)."""
     last_line = (str(step.get("stderr_tail") or "").strip().splitlines() or [""])[-1]
-    return (step_name(step), status, normalize(step.get("error"), host),
+    return (None if step.get("name") is None else step_name(step), status, normalize(step.get("error"), host),
             normalize(last_line, host))
 
 
@@ -191,7 +197,7 @@ def _describe_steps(steps: list[dict[str, Any]]) -> str:
 
 
 def _failures(hosts: list[dict[str, Any]], limits: DigestLimits) -> tuple[Failure, ...]:
-    found: dict[tuple[str, ...], tuple[list[str], set[str], dict[str, Any]]] = {}
+    found: dict[tuple[str | None, str, str, str], tuple[list[str], set[str], dict[str, Any]]] = {}
     for host in hosts:
         for step, status in _failed_steps(host):
             names, rcs, _ = found.setdefault(_failure_key(step, status, host), ([], set(), step))
@@ -213,8 +219,7 @@ def _failed_steps(host: dict[str, Any]) -> Iterable[tuple[dict[str, Any], str]]:
     failing = [(s, str(s.get("status"))) for s in _steps(host) if s.get("status") in FAILED_STEP]
     if failing or host.get("status") not in ("failed", "unreachable", "interrupted"):
         return failing
-    return [({"name": "(connection)" if host.get("status") == "unreachable" else "(host)",
-              "error": host.get("error")}, str(host.get("status")))]
+    return [({"name": None, "error": host.get("error")}, str(host.get("status")))]
 
 
 def _tail(text: str, limits: DigestLimits) -> str | None:
@@ -297,7 +302,7 @@ def _group_line(group: OutcomeGroup) -> str:
 def _failure_block(failure: Failure) -> str:
     rc = f" rc {failure.rc}" if failure.rc else ""
     where = f"on {failure.hosts.counted}: {failure.hosts}"
-    lines = [f'- "{failure.step}" {failure.status}{rc} {where}']
+    lines = [f"- {failure.what}{rc} {where}"]
     if failure.error:
         lines.append(f"  error: {failure.error}")
     if failure.tail:

@@ -190,7 +190,7 @@ def _failure_line(failure: Failure) -> str:
     # The last stderr line usually says why ("Address already in use"); the error says how.
     why = [failure.error or "", (failure.tail or "").rsplit(" | ", 1)[-1]]
     detail = " — ".join(part[:160] for part in why if part)
-    return f'"{failure.step}" {failure.status}{code} on {failure.hosts.counted}' + (
+    return f"{failure.what}{code} on {failure.hosts.counted}" + (
         f": {detail}" if detail else "")
 
 

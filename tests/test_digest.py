@@ -6,6 +6,7 @@ from typing import Any
 
 from maintenancebot.digest import DigestLimits, build_digest, normalize, render_digest
 from maintenancebot.redact import Redactor
+from maintenancebot.summary import deterministic_summary
 from tests.rundocs import NGINX_STDERR, fleet_doc, healthy_steps, host, step
 
 NO_SECRETS = Redactor()
@@ -42,7 +43,8 @@ def test_each_distinct_failure_names_step_hosts_rc_and_a_short_stderr_tail() -> 
         "Restart nginx", "failed", "1", 2)
     assert nginx.tail is not None and nginx.tail.endswith("(98: Address already in use)")
     assert nginx.tail.count(" | ") == 2
-    assert (unreachable.step, unreachable.hosts.total) == ("(connection)", 2)
+    assert (unreachable.step, unreachable.what, unreachable.hosts.total) == (
+        None, "unreachable", 2)
     assert str(digest.failed) == "web-0001, web-0026"
     assert str(digest.unreachable) == "web-0003, web-0028"
 
@@ -160,3 +162,15 @@ def test_odd_details_make_a_digest_less_informative_never_broken() -> None:
     steps = [step(i, f"S{i}", changed=True, details=details) for i, details in enumerate(odd)]
     text = render_digest(build_digest(doc_of(host("h", "succeeded", steps)), NO_SECRETS))
     assert '"S0" changed on 1 host (h)' in text
+
+
+def test_a_host_that_failed_outside_any_step_is_named_by_its_status_alone() -> None:
+    stopped = "stopped with Ctrl-C: the steps in flight finished, no further step started"
+    hosts = [host("db-1", "interrupted", healthy_steps("db-1"), error=stopped),
+             host("db-2", "unreachable", [], error="cannot connect to db-2: refused")]
+    digest = build_digest(doc_of(*hosts), NO_SECRETS)
+    summary = deterministic_summary(digest).text
+    assert f"• interrupted on 1 host: {stopped}" in summary
+    assert "• unreachable on 1 host: cannot connect to db-2: refused" in summary
+    assert "- interrupted on 1 host: db-1" in render_digest(digest)
+    assert '"(' not in summary + render_digest(digest)  # no made-up step name in quotes
