@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -168,7 +169,7 @@ def _run(state: _State, runbook: str, inventory: str | None, narrow: tuple[str, 
         def echo(line: str) -> None:  # approval requests, reminders, answers
             err.print(line, style="yellow", markup=False)
 
-        with _ctrl_c_stops_between_steps(), nullcontext() if progress is None else progress:
+        with _signals_stop_between_steps(), nullcontext() if progress is None else progress:
             outcome = app.execute(settings, the_plan, dry_run=dry_run, observer=progress,
                                   store=store, notify=notify, wait=wait, approval_echo=echo,
                                   transports=dialing.open)
@@ -199,24 +200,31 @@ def _loading() -> Iterator[None]:
 
 
 @contextmanager
-def _ctrl_c_stops_between_steps() -> Iterator[None]:
-    """The first Ctrl-C stops the run as a daemon stop does: steps in flight finish, no host
-    takes another step, hosts parked on an approval are left to the daemon (exit 4 then, else
-    3). The second one quits at once, as usual."""
+def _signals_stop_between_steps() -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM (CI cancelling a job, `timeout`, systemd stopping a unit)
+    stops the run as a daemon stop does: steps in flight finish, no host takes another step,
+    hosts parked on an approval are left to the daemon (exit 4 then, else 3), and the record
+    says why. A second one quits at once, as the signal does by default."""
     from maintenancebot.runcontrol import PROCESS_STOP
+
+    said = {signal.SIGINT: "stopped with Ctrl-C", signal.SIGTERM: "stopped by SIGTERM"}
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if PROCESS_STOP.reason is not None:
-            signal.default_int_handler(signum, frame)
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         # Only an assignment here: a handler may run while another thread holds a lock.
-        PROCESS_STOP.request("stopped with Ctrl-C: the steps in flight finished, no further "
-                             "step started")
+        PROCESS_STOP.request(f"{said[signal.Signals(signum)]}: the steps in flight finished, "
+                             "no further step started")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in said}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
         PROCESS_STOP.clear()
 
 

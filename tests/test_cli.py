@@ -244,6 +244,48 @@ def test_a_run_whose_hosts_are_in_another_run_contacts_no_host(cli: Cli) -> None
     assert cli("run", "fine").returncode == 0
 
 
+def _until_step_runs(cli: Cli, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (cli.state / "maintenancebot.db").exists():
+            with RunStore(cli.state / "maintenancebot.db") as store:
+                runs = store.list_runs()
+                if runs and any(s.name == name and s.status == "running"
+                                for s in store.get_steps(runs[0].id)):
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"step {name!r} never ran")
+
+
+def test_sigterm_stops_a_run_between_steps_and_a_second_one_at_once(cli: Cli) -> None:
+    # CI cancelling a job, `timeout` or systemd stopping a unit send SIGTERM, not Ctrl-C.
+    cli.runbook("slow", """
+        steps:
+          - {name: long one, run: sleep 3}
+          - {name: after, run: 'true'}
+    """)
+    process = cli.spawn("run", "slow", "--hosts", cli.fleet.names[0])
+    _until_step_runs(cli, "long one")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 3, stderr
+    latest = json.loads(cli("history", "--json").stdout)[0]
+    assert latest["status"] == "interrupted"
+    assert latest["note"].startswith("stopped by SIGTERM: the steps in flight finished")
+    steps = {s["name"]: s["status"] for s in json.loads(cli("show", latest["run_id"], "--json")
+                                                         .stdout)["hosts"][0]["steps"]}
+    assert steps == {"long one": "ok", "after": "skipped"}, "the step in flight finished"
+
+    process = cli.spawn("run", "slow", "--hosts", cli.fleet.names[0])
+    _until_step_runs(cli, "long one")
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    process.wait(10)
+    assert process.returncode == -signal.SIGTERM and time.monotonic() - started < 2.5
+
+
 def test_kill_9_mid_run_leaves_an_interrupted_run_naming_the_step_in_flight(cli: Cli) -> None:
     cli.runbook("slow", """
         steps:
@@ -251,15 +293,7 @@ def test_kill_9_mid_run_leaves_an_interrupted_run_naming_the_step_in_flight(cli:
           - {name: long one, run: sleep 30}
     """)
     process = cli.spawn("run", "slow", "--hosts", cli.fleet.names[0])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if (cli.state / "maintenancebot.db").exists():
-            with RunStore(cli.state / "maintenancebot.db") as store:
-                runs = store.list_runs()
-                if runs and any(s.name == "long one" and s.status == "running"
-                                for s in store.get_steps(runs[0].id)):
-                    break
-        time.sleep(0.1)
+    _until_step_runs(cli, "long one")
     process.send_signal(signal.SIGKILL)
     process.wait(10)
     result = cli("history", "--json")
