@@ -263,6 +263,7 @@ def _print_summary(run: Any) -> None:
 @_clean_errors
 def notify(state: _State, run_id: str, as_json: bool) -> None:
     """Send RUN_ID's summary again (after Slack was down: the run shows notify_failed).
+    RUN_ID may be a unique prefix, or `latest`.
 
     \b
     The stored summary is reused, so a resend costs no LLM tokens and says what the first
@@ -311,7 +312,8 @@ def history(state: _State, limit: int, as_json: bool) -> None:
 @pass_state
 @_clean_errors
 def show(state: _State, run_id: str, as_json: bool) -> None:
-    """Show one run host by host and step by step (RUN_ID may be a unique prefix)."""
+    """Show one run host by host and step by step (RUN_ID may be a unique prefix, or
+    `latest` for the run started last)."""
     from maintenancebot import app, views
 
     with app.open_store(state.settings) as store:

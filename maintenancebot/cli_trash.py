@@ -28,7 +28,7 @@ def trash() -> None:
 
 
 @trash.command("list")
-@click.option("--run", "run_id", default=None, help="Only this run (id or unique prefix).")
+@click.option("--run", "run_id", default=None, help="Only this run (id, unique prefix or `latest`).")
 @click.option("--host", "host", default=None, help="Only this host.")
 @click.option("--limit", default=50, show_default=True, help="Runs to look at (without --run).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
@@ -79,7 +79,8 @@ def _table(entries: list[dict[str, Any]]) -> Table:
 @_clean_errors
 def restore(state: _State, run_id: str, hosts: tuple[str, ...], by: str | None,
             as_json: bool) -> None:
-    """Put back every file RUN_ID moved to the trash (never over a file that is back)."""
+    """Put back every file RUN_ID (id, unique prefix or `latest`) moved to the trash (never
+    over a file that is back)."""
     from maintenancebot import app
     from maintenancebot.trash import restore_run
 

@@ -62,6 +62,7 @@ STOP_READ_SECONDS = 0.1
 Redact = Callable[[str], str]
 
 DB_NAME = "maintenancebot.db"  # in the state directory
+LATEST = "latest"  # what `show`, `notify` and `trash` take for the run started last
 
 # ----------------------------------------------------------------------------------- store
 
@@ -237,14 +238,19 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
                        (state, self._text(error), run_id))
 
     def get_run(self, run_id: str) -> RunRecord:
-        """A run by id or by an unambiguous prefix of it (as `git` takes commit prefixes)."""
-        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
-        if not rows and run_id:
+        """A run by id, by an unambiguous prefix of it (as `git` takes commit prefixes), or
+        `latest`: the run started last (ids start with a date, so no prefix reads `latest`)."""
+        if run_id == LATEST:
+            rows = self._query("SELECT * FROM runs ORDER BY started_at DESC, id DESC LIMIT 1")
+        else:
+            rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows and run_id and run_id != LATEST:
             pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             rows = self._query("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 3",
                                (pattern,))
         if not rows:
-            raise NotFound(f"no run {run_id!r} (see `maintenancebot history`)")
+            raise NotFound(f"no run {run_id!r} (see `maintenancebot history`)"
+                           if run_id != LATEST else "no run recorded yet")
         if len(rows) > 1:
             raise NotFound(f"run id prefix {run_id!r} is ambiguous: "
                            + ", ".join(r["id"] for r in rows) + ", ...")

@@ -207,12 +207,16 @@ def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
 
 
 def test_history_and_show_read_back_a_run(cli: Cli) -> None:
+    nothing = cli("show", "latest")
+    assert (nothing.returncode, nothing.stderr.strip()) == (2, "error: no run recorded yet")
     cli.runbook("fine", "steps: [{name: fine, run: 'echo ok'}]")
     run = json.loads(cli("run", "fine", "--json").stdout)
     history = json.loads(cli("history", "--json").stdout)
     assert history[0]["run_id"] == run["run_id"] and history[0]["status"] == "succeeded"
     shown = json.loads(cli("show", run["run_id"][:15], "--json").stdout)
     assert shown["hosts"] == run["hosts"]
+    dry = json.loads(cli("plan", "fine", "--json").stdout)
+    assert json.loads(cli("show", "latest", "--json").stdout)["run_id"] == dry["run_id"]
 
 
 def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
