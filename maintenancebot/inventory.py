@@ -26,15 +26,20 @@ class ResolvedInventory:
     def select(self, patterns: list[str], narrow: list[str] | None = None) -> list[Host]:
         """Hosts matched by `patterns`, further narrowed by `narrow` (e.g. `--hosts`)."""
         names = select_names(patterns, self)
+        given = ":".join(patterns)
+        if not names:
+            raise SelectionError(f"host pattern {given!r} selects no hosts")
         if narrow:
             try:
                 narrowed = set(select_names(narrow, self))
             except SelectionError as exc:
                 raise SelectionError(f"--hosts: {exc}") from None
-            names = [name for name in names if name in narrowed]
-        if not names:
-            shown = ":".join(patterns) + (f" narrowed by {':'.join(narrow)}" if narrow else "")
-            raise SelectionError(f"host pattern {shown!r} selects no hosts")
+            kept = [name for name in names if name in narrowed]
+            if not kept:
+                raise SelectionError(
+                    f"--hosts {':'.join(narrow)!r} selects none of the runbook's {len(names)} "
+                    f"host{'s' if len(names) != 1 else ''} ({given!r}); it can only narrow them")
+            names = kept
         return [self.hosts[name] for name in names]
 
 

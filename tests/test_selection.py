@@ -43,7 +43,10 @@ def test_command_line_narrows_and_never_widens() -> None:
 def test_unknown_names_and_empty_selections_are_errors() -> None:
     with pytest.raises(SelectionError, match="unknown host or group: wbe"):
         names(["wbe"])
-    with pytest.raises(SelectionError, match="selects no hosts"):
+    with pytest.raises(SelectionError, match="^host pattern 'web:&db' selects no hosts$"):
+        names(["web:&db"])
+    with pytest.raises(SelectionError, match=r"^--hosts 'db' selects none of the runbook's 3 "
+                       r"hosts \('web'\); it can only narrow them$"):
         names(["web"], ["db"])
 
 
