@@ -115,14 +115,18 @@ def rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
         return []  # a run recorded before rollouts were
     batches, at_once = rollout["batches"], rollout["concurrency"]
     if len(batches) == 1:
-        lines = [f"rollout: all {len(batches[0])} host(s) in one batch, up to {at_once} at once"]
+        count = len(batches[0])
+        lines = [f"rollout: all {count} hosts in one batch, up to {at_once} at once" if count > 1
+                 else "rollout: 1 host"]
     else:
         shown = "; ".join(f"batch {number}: {_names(batch)}"
                           for number, batch in enumerate(batches, 1))
         lines = [f"rollout: {shown} (up to {at_once} hosts at once)"]
     if rollout.get("max_failures") is not None:
-        lines.append(f"circuit breaker: no new host starts once more than "
-                     f"{rollout['max_failures']} failed")
+        allowed = rollout["max_failures"]
+        lines.append("circuit breaker: no new host starts once "
+                     + ("any host failed" if allowed == 0 else
+                        f"more than {allowed} host{'s' if allowed != 1 else ''} failed"))
     if rollout.get("between_batches") and len(batches) > 1:
         lines.append("between batches, on this controller (not in a dry-run): "
                      + _one_line(rollout["between_batches"]))

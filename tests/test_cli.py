@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from maintenancebot import views
 from maintenancebot.store import RunStore
 from maintenancebot.testing.fleet import Fleet
 
@@ -186,13 +187,23 @@ def test_a_dry_run_shows_the_rollout_a_runbook_change_would_make(cli: Cli) -> No
     lines = plan.stdout.splitlines()
     assert lines[1:4] == [
         f"DRY RUN rollout: batch 1: {first}; batch 2: {', '.join(rest)} (up to 10 hosts at once)",
-        "DRY RUN circuit breaker: no new host starts once more than 0 failed",
+        "DRY RUN circuit breaker: no new host starts once any host failed",
         f"DRY RUN between batches, on this controller (not in a dry-run): touch {marker}",
     ]
     assert not marker.exists()
     rollout = json.loads(cli("plan", "rolling", "--json").stdout)["rollout"]
     assert rollout == {"batches": [[first], rest], "concurrency": 10, "max_failures": 0,
                        "between_batches": f"touch {marker}"}
+
+
+def test_rollout_lines_read_as_sentences_for_one_host_and_any_breaker() -> None:
+    one = {"batches": [["web-1"]], "concurrency": 5, "max_failures": 1, "between_batches": None}
+    assert views.rollout_lines(one) == [
+        "rollout: 1 host", "circuit breaker: no new host starts once more than 1 host failed"]
+    many = {**one, "batches": [["a", "b", "c"]], "max_failures": 2}
+    assert views.rollout_lines(many) == [
+        "rollout: all 3 hosts in one batch, up to 5 at once",
+        "circuit breaker: no new host starts once more than 2 hosts failed"]
 
 
 def test_run_exit_codes_tell_failures_from_aborts(cli: Cli) -> None:
