@@ -20,7 +20,7 @@ from maintenancebot.actions import get_action
 from maintenancebot.errors import TemplateError
 from maintenancebot.models import Step
 from maintenancebot.templating import Templates
-from maintenancebot.yamlsource import format_loc, plain_message, strip_union_tags
+from maintenancebot.yamlsource import format_loc, one_line_yaml, plain_message, strip_union_tags
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def render_step(templates: Templates, step: Step, context: dict[str, Any],
         raise TemplateError(_argument_errors(values, exc)) from None
     if shown_context is not context:
         values = templates.render_value(step.args, shown_context)
-    return Rendered(f"{step.action} {values}", None, args, context, shown_context)
+    return Rendered(f"{step.action} {one_line_yaml(values)}", None, args, context,
+                    shown_context)
 
 
 def _argument_errors(values: Any, error: ValidationError) -> str:

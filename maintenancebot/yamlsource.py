@@ -5,7 +5,8 @@ itself rather than calling `yaml.safe_load`, because the node tree is where line
 because `safe_load` silently keeps the last of two duplicate keys. It also turns pydantic's errors into
 `ConfigIssue`s, since placing an error means knowing where each value came from. It knows
 nothing about what a runbook or an inventory means (that is `loader`) and never raises for a
-bad document: every problem comes back as an issue.
+bad document: every problem comes back as an issue. The one YAML it writes is an action's
+arguments on one line, for records and reports (`one_line_yaml`).
 """
 
 from __future__ import annotations
@@ -476,3 +477,23 @@ def _options(annotation: Any) -> list[Any]:
     if origin is Union or origin is types.UnionType:
         return [member for arg in get_args(annotation) for member in _options(arg)]
     return [annotation]
+
+
+class _OneLineDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """YAML in flow style on one line: a string with a line break is double-quoted (escaped)."""
+
+
+def _string(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    breaks = any(char in value for char in "\n\r\x85\u2028\u2029")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if breaks else None)
+
+
+_OneLineDumper.add_representer(str, _string)
+
+
+def one_line_yaml(value: Any) -> str:
+    """An action's arguments as the runbook's `with:` would say them, on one line:
+    `{within: /var/tmp, paths: [/var/tmp/*.tmp], older_than: 7d}`, not Python's repr."""
+    text: str = yaml.dump(value, Dumper=_OneLineDumper, default_flow_style=True,
+                          sort_keys=False, width=1 << 30, allow_unicode=True)
+    return text.strip().removesuffix("...").strip()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 from maintenancebot import loader
@@ -22,6 +24,7 @@ from maintenancebot.loader import (
     validate_paths,
 )
 from maintenancebot.models import Settings
+from maintenancebot.yamlsource import one_line_yaml
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
@@ -487,3 +490,29 @@ def test_no_installed_pydantic_plugin_takes_part_in_validation(
     done = subprocess.run([sys.executable, "-c", PLUGIN_PROBE.format(first=first)], env=env,
                           capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.split() == expected.split(), done.stderr
+
+
+def test_one_line_yaml_is_one_line_and_reads_back_as_the_same_value() -> None:
+    rng = random.Random(11)
+    pieces = ["a", "7d", "x y", "a: b", "[x]", "{y}", "#", "'", '"', "\n", "\r\n", "\t", "é",
+              "\u2028", "-", "?", "*", "&a", "!t", "%", "@", "`", "null", "yes", "1", "0x1", ""]
+
+    def value(depth: int) -> Any:
+        kind = rng.randrange(7 if depth < 3 else 4)
+        if kind == 0:
+            return "".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+        if kind == 1:
+            return rng.choice([0, -3, 10**20, 1.5, True, False, None])
+        if kind in (2, 3):
+            return rng.choice(pieces)
+        if kind in (4, 5):
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {rng.choice(pieces) or "k": value(depth + 1) for _ in range(rng.randrange(4))}
+
+    for _ in range(500):
+        given = {"arg": value(0)}
+        text = one_line_yaml(given)
+        assert "\n" not in text and "\r" not in text, text
+        assert yaml.safe_load(text) == given, text
+    assert one_line_yaml({"within": "/var/tmp", "paths": ["/var/tmp/*.tmp"], "older_than": "7d"}
+                         ) == "{within: /var/tmp, paths: [/var/tmp/*.tmp], older_than: 7d}"
