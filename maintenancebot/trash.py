@@ -138,10 +138,10 @@ def restore_run(store: RunStore, settings: Settings, run_id: str, *, hosts: list
 
     Files that reappeared at their path are reported, never overwritten; an entry already
     restored or purged is skipped."""
-    entries = list_entries(store, run_id)
+    real_id = store.get_run(run_id).id  # an id prefix or `latest` names the run it means
+    entries = list_entries(store, real_id)
     if not entries:
-        raise NotFound(f"run {run_id!r} moved nothing to the trash")
-    real_id = entries[0].run_id
+        raise NotFound(f"run {real_id} moved nothing to the trash")
     wanted = [e for e in entries if hosts is None or e.host in hosts]
     unknown = sorted(set(hosts or []) - {e.host for e in entries})
     if unknown:

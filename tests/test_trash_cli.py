@@ -103,6 +103,10 @@ def test_restore_of_an_unknown_run_or_host_is_bad_input(bench: Bench) -> None:
     run_id = trash_everything(bench, name, hosts=bench.fleet.names[0])
     wrong = op("trash", "restore", run_id, "--host", "no-such-host")
     assert wrong.returncode == 2 and "no trash on no-such-host" in wrong.stderr
+    looked = bench.run("hosts: all\nsteps: [{name: look, run: 'true'}]")
+    nothing = op("trash", "restore", "latest")  # names the run it means, not "latest"
+    assert (nothing.returncode, nothing.stderr.strip()) == (
+        2, f"error: run {looked.run_id} moved nothing to the trash")
 
 
 def test_purge_after_retention_frees_the_trash_and_touches_nothing_else(bench: Bench) -> None:
