@@ -380,7 +380,10 @@ def _connect_error(host: Host, exc: BaseException, timeout: float) -> ConnectErr
 
 def _reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, paramiko.AuthenticationException):
-        return f"authentication failed ({exc}); is our public key in the host's authorized_keys?"
+        # paramiko's own words only when they add something ("allowed types: ['password']").
+        detail = str(exc).strip().rstrip(".")
+        said = "" if detail.lower() in ("", "authentication failed") else f" ({detail})"
+        return f"authentication failed{said}; is our public key in the host's authorized_keys?"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the address ({exc.strerror})"
     if isinstance(exc, TimeoutError):
