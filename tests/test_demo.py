@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,38 @@ def test_the_demo_sets_up_its_docker_images_again_in_the_same_directory(tmp_path
                 ["demo/batch:2024", "demo/web:0", "demo/web:1"]
         finally:
             docker.stop()
+
+
+def test_a_demo_ended_by_sigterm_or_sighup_stops_its_hosts_and_dockerd(tmp_path: Path) -> None:
+    # pkill, a CI timeout or a closed terminal: the demo's root-login sshds and its dockerd
+    # must not outlive it, listening, holding a mount that makes `rm -rf` of the clone fail.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        workdir = tmp_path / signum.name
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "maintenancebot.testing.demo", "--dir", str(workdir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert demo.stdout is not None
+            for line in demo.stdout:  # dockerd starts last, after the hosts
+                if "dockerd for host-01" in line or "no Docker clean-up" in line:
+                    break
+            assert _processes_using(workdir), "the hosts run"
+            demo.send_signal(signum)
+            assert demo.wait(60) == 128 + signum
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+        assert _processes_using(workdir) == []
+        assert str(workdir) not in Path("/proc/self/mountinfo").read_text()
+
+
+def _processes_using(workdir: Path) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        if str(workdir) in text and "maintenancebot.testing.demo" not in text:
+            found.append(text)
+    return found

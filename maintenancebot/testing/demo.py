@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = args.dir.absolute()
+    # The hosts are root-login sshds and a dockerd: a demo ended by SIGTERM (pkill, a CI
+    # timeout) or SIGHUP (its terminal closed) must stop them as the normal end does, not die
+    # and leave them listening; exiting through Python's unwinding runs every `finally`.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     # A fresh fleet each time (new keys, new files), so a fresh state too: an earlier demo's
     # history, trash entries and approvals would point at hosts and files that are gone.
     for leftover in ("fleet", "state"):
@@ -49,31 +55,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     with fleet:
         for name in fleet.names:
             print(f"  {name}  {fleet.host(name).address}:{fleet.host(name).port}  "
-                  f"root={fleet.root(name)}")
+                  f"root={fleet.root(name)}", flush=True)
         seed(fleet)
         docker = start_docker(workdir)
-        config = write_files(fleet, workdir, docker.socket if docker else None)
-        env = {**os.environ, "MAINTENANCEBOT_CONFIG": str(config)}
-        failures = 0
-        for command, expected in script(fleet):
-            failures += run(command, env, expected)
-            if command[:2] == ["run", "fleet-health"]:
-                failures += approval_gate(fleet.names[-1], env)
-        banner("done")
-        print(f"Try it yourself:\n  export MAINTENANCEBOT_CONFIG={config}\n"
-              f"  {bot()} history\n  {bot()} plan fleet-health --hosts 'web'")
-        if args.keep:
-            print("\nThe hosts keep running until Ctrl-C.")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
-        else:
-            print(f"(the hosts stop now; `{sys.executable} -m maintenancebot.testing.demo "
-                  "--keep` keeps them up)")
-    if docker is not None:
-        docker.stop()
+        try:
+            return _show(fleet, workdir, docker, keep=args.keep)
+        finally:
+            if docker is not None:
+                docker.stop()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _show(fleet: Fleet, workdir: Path, docker: Any, *, keep: bool) -> int:
+    config = write_files(fleet, workdir, docker.socket if docker else None)
+    env = {**os.environ, "MAINTENANCEBOT_CONFIG": str(config)}
+    failures = 0
+    for command, expected in script(fleet):
+        failures += run(command, env, expected)
+        if command[:2] == ["run", "fleet-health"]:
+            failures += approval_gate(fleet.names[-1], env)
+    banner("done")
+    print(f"Try it yourself:\n  export MAINTENANCEBOT_CONFIG={config}\n"
+          f"  {bot()} history\n  {bot()} plan fleet-health --hosts 'web'")
+    if keep:
+        print("\nThe hosts keep running until Ctrl-C.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    else:
+        print(f"(the hosts stop now; `{sys.executable} -m maintenancebot.testing.demo "
+              "--keep` keeps them up)")
     return 1 if failures else 0
 
 
@@ -115,13 +131,13 @@ def start_docker(workdir: Path) -> Any:
     try:
         daemon.start()
     except DockerdError as exc:
-        print(f"  (no Docker clean-up in this demo: {exc})")
+        print(f"  (no Docker clean-up in this demo: {exc})", flush=True)
         return None
     daemon.import_image("demo/web:1", {"index.html": b"v1"})
     daemon.create_container("demo/web:1", name="web")        # in use: kept
     daemon.import_image("demo/web:0", {"index.html": b"v0"})  # unused: removed
     daemon.import_image("demo/batch:2024", {"job.sh": b"echo batch\n"})
-    print(f"  dockerd for host-01 at {daemon.socket}")
+    print(f"  dockerd for host-01 at {daemon.socket}", flush=True)
     return daemon
 
 
