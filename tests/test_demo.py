@@ -94,3 +94,20 @@ def _processes_using(workdir: Path) -> list[str]:
         if str(workdir) in text and "maintenancebot.testing.demo" not in text:
             found.append(text)
     return found
+
+
+def test_the_demo_unmounts_a_data_root_that_a_killed_dockerd_left_mounted(
+        tmp_path: Path) -> None:
+    if os.environ.get("MAINTENANCEBOT_SKIP_DOCKER") == "1":
+        pytest.skip("MAINTENANCEBOT_SKIP_DOCKER=1")
+    data = tmp_path / "dockerd" / "data"
+    data.mkdir(parents=True)
+    # What SIGKILL leaves: dockerd mounts its data root on itself and never unmounts it.
+    subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
+    try:
+        docker = start_docker(tmp_path)
+        assert docker is not None
+        docker.stop()
+        assert str(data) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        subprocess.run(["umount", str(data)], check=False, capture_output=True)

@@ -125,7 +125,13 @@ def start_docker(workdir: Path) -> Any:
 
     # Fresh each time, like the fleet: the last demo's images and its "web" container are in
     # there (the next `create_container(name="web")` would be refused), and the last run of
-    # docker_prune removed some of them.
+    # docker_prune removed some of them. A dockerd killed outright (SIGKILL) leaves its data
+    # root mounted on itself: unmounted first, or neither this nor `rm -rf` could remove it.
+    # (os.path.ismount cannot tell such a mount: same device, same directory.)
+    data = workdir / "dockerd" / "data"
+    while data.is_dir() and subprocess.run(["umount", str(data)], check=False,
+                                           capture_output=True).returncode == 0:
+        pass  # one layer per call; "not mounted" ends it
     shutil.rmtree(workdir / "dockerd", ignore_errors=True)
     daemon = Dockerd(workdir / "dockerd")
     try:
