@@ -288,15 +288,25 @@ def notify(state: _State, run_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--limit", default=20, show_default=True, help="How many runs to list.")
+@click.option("--runbook", default=None, help="Only runs of this runbook.")
+@click.option("--status", type=click.Choice([str(s) for s in RunStatus]), default=None,
+              help="Only runs that ended (or stand) so.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_state
 @_clean_errors
-def history(state: _State, limit: int, as_json: bool) -> None:
-    """List recent runs, newest first; interrupted runs name the step that was in flight."""
+def history(state: _State, limit: int, runbook: str | None, status: str | None,
+            as_json: bool) -> None:
+    """List recent runs, newest first; interrupted runs name the step that was in flight.
+
+    \b
+    Did last Sunday's maintenance go through?
+      maintenancebot history --runbook weekly-maintenance --limit 1
+    """
     from maintenancebot import app, views
 
     with app.open_store(state.settings) as store:
-        entries = views.history_entries(store, limit)
+        entries = views.history_entries(store, limit, runbook=runbook,
+                                        status=None if status is None else RunStatus(status))
     if as_json:
         click.echo(json.dumps(entries, indent=2))
     elif out.is_terminal:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from maintenancebot.states import StepStatus
+from maintenancebot.states import RunStatus, StepStatus
 
 if TYPE_CHECKING:  # rich loads only to draw a table on a terminal, never for a piped run
     from rich.table import Table
@@ -185,10 +185,11 @@ def history_lines(runs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def history_entries(store: RunStore, limit: int) -> list[dict[str, Any]]:
+def history_entries(store: RunStore, limit: int, *, runbook: str | None = None,
+                    status: RunStatus | None = None) -> list[dict[str, Any]]:
     """Recent runs; an interrupted one names the step that was in flight when it died."""
     entries = []
-    for run in store.list_runs(limit=limit):
+    for run in store.list_runs(limit=limit, runbook=runbook, status=status):
         note = run.reason or ""
         if str(run.status) == "interrupted":
             step = store.interrupted_step(run.id)

@@ -228,6 +228,13 @@ def test_history_and_show_read_back_a_run(cli: Cli) -> None:
     assert shown["hosts"] == run["hosts"]
     dry = json.loads(cli("plan", "fine", "--json").stdout)
     assert json.loads(cli("show", "latest", "--json").stdout)["run_id"] == dry["run_id"]
+    cli.runbook("nope", "steps: [{name: nope, run: 'false'}]")
+    failed = json.loads(cli("run", "nope", "--json").stdout)
+    by_runbook = json.loads(cli("history", "--runbook", "fine", "--json").stdout)
+    assert [e["run_id"] for e in by_runbook] == [dry["run_id"], run["run_id"]]
+    by_status = json.loads(cli("history", "--status", "failed", "--json").stdout)
+    assert [e["run_id"] for e in by_status] == [failed["run_id"]]
+    assert cli("history", "--status", "bogus").returncode == 2
 
 
 def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
