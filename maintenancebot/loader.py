@@ -304,7 +304,7 @@ def _template_issues(
 def _templates(step: dict[Any, Any]) -> Iterator[tuple[Loc, str, bool]]:
     """(loc inside the step, template text, is it an expression) for every templated field."""
     for key in ("run", "rollback", "when"):
-        if isinstance(step.get(key), str):
+        if isinstance(step.get(key), str) and step[key].strip():  # blank: the model says so
             yield (key,), step[key], key == "when"
     for loc, value in walk(step.get("with"), ("with",)):
         if isinstance(value, str):

@@ -102,6 +102,14 @@ class Step(_Model):
     on_failure: Literal["stop", "continue", "rollback"] = "rollback"
     approval: Approval | None = None
 
+    @field_validator("name", "run", "rollback", "when")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        # `run: |` with its block lost in an edit runs nothing and "succeeds": say so instead.
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
     @field_validator("register_as")
     @classmethod
     def _register_is_identifier(cls, value: str | None) -> str | None:

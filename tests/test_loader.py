@@ -227,6 +227,29 @@ steps:
         f"{path}:6: steps[0].with.paths: glob contains '..': {{{{ root }}}}/app/../../*"]
 
 
+def test_a_blank_command_condition_or_name_is_an_issue(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "r.yaml",
+        """\
+steps:
+  - name: " "
+    run: |
+
+    rollback: "  "
+  - name: fine
+    when: ""
+    run: "true"
+""",
+    )
+    assert lines_of([path]) == [
+        f"{path}:2: steps[0].name: must not be blank",
+        f"{path}:3: steps[0].run: must not be blank",
+        f"{path}:5: steps[0].rollback: must not be blank",
+        f"{path}:7: steps[1].when: must not be blank",
+    ]
+
+
 def test_action_argument_errors_point_inside_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
