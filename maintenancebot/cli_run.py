@@ -52,7 +52,8 @@ _run_options = [
     click.option("--var", "overrides", multiple=True, metavar="KEY=VALUE",
                  callback=lambda _ctx, _param, value: _parse_vars(value),
                  help="Set a runbook variable for this run, above runbook and inventory vars. "
-                      "VALUE is JSON if it parses (true, 3, [\"a\"]), else a string. "
+                      "VALUE is JSON when that loses nothing (true, 3, [\"a\"]); else, like "
+                      "1.10 or 007, it stays text. "
                       "Repeatable."),
     click.option("--notify", is_flag=True,
                  help="Post a dry-run's summary to Slack too (real runs always post)."),
@@ -66,10 +67,7 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
         if not sep or not key.isidentifier():
             raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY a variable name",
                                      param_hint="--var")
-        try:
-            parsed[key] = json.loads(value)
-        except ValueError:
-            parsed[key] = value
+        parsed[key] = _var_value(value)
     if parsed:
         from maintenancebot.loader import inline_secrets
 
@@ -82,6 +80,22 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
                 f"{', '.join(inline)}: write secrets as env:NAME or file:/path, never inline "
                 f"(e.g. --var {key}=env:{key.upper()})", param_hint="--var")
     return parsed
+
+
+def _var_value(text: str) -> Any:
+    """JSON when reading it so loses nothing, else the text as given: `version=1.10` stays
+    "1.10" (JSON's 1.1 would pin another version), and `007`, `1e3` and `NaN` stay text too."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return text
+    if isinstance(value, int | float) and not isinstance(value, bool) and json.dumps(value) != text:
+        return text
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity are not JSON
 
 
 def _with_run_options(func: F) -> F:
