@@ -12,7 +12,15 @@ import re
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -62,6 +70,15 @@ def _parse_share(value: object) -> int | str:
 
 
 Share = Annotated[int | str, BeforeValidator(_parse_share)]
+
+
+def _not_empty_batch(size: int | str) -> int | str:
+    if size == 0 or (isinstance(size, str) and float(size.rstrip("%")) == 0):
+        raise ValueError(f"a batch needs at least one host, got {size}")
+    return size
+
+
+BatchSize = Annotated[Share, AfterValidator(_not_empty_batch)]
 
 
 def resolve_share(share: int | str, total: int) -> int:
@@ -138,7 +155,7 @@ class Runbook(_Model):
     window: Duration | None = None
     hosts: str | list[str] = "all"
     concurrency: int = Field(default=10, ge=1)
-    batches: list[Share] | None = None
+    batches: list[BatchSize] | None = None
     between_batches: str | None = None
     max_failures: Share | None = None
     timeout: Duration = 7200.0

@@ -118,6 +118,19 @@ def test_missing_required_key_is_reported_on_the_line_of_its_mapping(tmp_path: P
     assert lines_of([path]) == [f"{path}:4: steps[1].name: missing required key"]
 
 
+def test_an_empty_batch_is_an_issue_where_a_zero_breaker_is_not(tmp_path: Path) -> None:
+    # A batch of 0 hosts used to mean 1 silently; max_failures: 0 means "stop at the first".
+    path = write(tmp_path, "r.yaml", """\
+batches: [0, "0%", 1, 100%]
+max_failures: 0
+steps: [{name: a, run: "true"}]
+""")
+    assert lines_of([path]) == [
+        f"{path}:1: batches[0]: a batch needs at least one host, got 0",
+        f"{path}:1: batches[1]: a batch needs at least one host, got 0%",
+    ]
+
+
 def test_a_value_fitting_no_member_of_a_union_is_one_issue(tmp_path: Path) -> None:
     number = write(tmp_path, "a.yaml", "hosts: 5\nsteps: [{name: a, run: x}]\n")
     bad_item = write(tmp_path, "b.yaml", "hosts: [web, 5]\nsteps: [{name: a, run: x}]\n")
