@@ -61,12 +61,17 @@ _run_options = [
 
 
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
+    from maintenancebot.models import RESERVED_NAMES
+
     parsed: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY a variable name",
                                      param_hint="--var")
+        if key in RESERVED_NAMES:
+            raise click.BadParameter(f"{key!r} is a name every template already has "
+                                     f"({', '.join(RESERVED_NAMES)})", param_hint="--var")
         parsed[key] = _var_value(value)
     if parsed:
         from maintenancebot.loader import inline_secrets

@@ -80,6 +80,26 @@ def _not_empty_batch(size: int | str) -> int | str:
 
 BatchSize = Annotated[Share, AfterValidator(_not_empty_batch)]
 
+# What every template is given besides the vars and registers (`plan`), which win over both:
+# a var or register of one of these names would be silently out of reach.
+RESERVED_NAMES = ("host", "run", "vars")
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is a name every template already has "
+                         f"({', '.join(RESERVED_NAMES)}); pick another")
+    return name
+
+
+def _no_reserved_keys(values: dict[str, Any]) -> dict[str, Any]:
+    for key in values:
+        _not_reserved(key)
+    return values
+
+
+Vars = Annotated[dict[str, Any], AfterValidator(_no_reserved_keys)]
+
 
 def resolve_share(share: int | str, total: int) -> int:
     """How many of `total` hosts a count or percentage means (a percentage rounds up, min 1)."""
@@ -132,7 +152,7 @@ class Step(_Model):
     def _register_is_identifier(cls, value: str | None) -> str | None:
         if value is not None and not _IDENTIFIER.match(value):
             raise ValueError(f"{value!r} is not a valid variable name")
-        return value
+        return None if value is None else _not_reserved(value)
 
     @model_validator(mode="after")
     def _exactly_one_of_run_or_action(self) -> Step:
@@ -159,8 +179,16 @@ class Runbook(_Model):
     between_batches: str | None = None
     max_failures: Share | None = None
     timeout: Duration = 7200.0
-    vars: dict[str, Any] = Field(default_factory=dict)
+    vars: Vars = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
+
+    @field_validator("hosts")
+    @classmethod
+    def _some_hosts(cls, value: str | list[str]) -> str | list[str]:
+        patterns = [value] if isinstance(value, str) else value
+        if not patterns or not all(pattern.strip() for pattern in patterns):
+            raise ValueError("must name hosts or groups (all, a group, a glob, a list of them)")
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -186,7 +214,7 @@ class HostDefaults(_Model):
     sudo: bool = False
     connection: Literal["ssh", "local"] = "ssh"
     jump: str | None = None
-    vars: dict[str, Any] = Field(default_factory=dict)
+    vars: Vars = Field(default_factory=dict)
 
 
 class HostEntry(_Model):
@@ -197,13 +225,13 @@ class HostEntry(_Model):
     sudo: bool | None = None
     connection: Literal["ssh", "local"] | None = None
     jump: str | None = None
-    vars: dict[str, Any] = Field(default_factory=dict)
+    vars: Vars = Field(default_factory=dict)
 
 
 class Group(_Model):
     hosts: list[str] = Field(default_factory=list)
     children: list[str] = Field(default_factory=list)
-    vars: dict[str, Any] = Field(default_factory=dict)
+    vars: Vars = Field(default_factory=dict)
 
 
 class Inventory(_Model):
@@ -224,7 +252,7 @@ class Host(_Model):
     connection: Literal["ssh", "local"] = "ssh"
     jump: Host | None = None
     groups: tuple[str, ...] = ()
-    vars: dict[str, Any] = Field(default_factory=dict)
+    vars: Vars = Field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- config

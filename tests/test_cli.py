@@ -342,6 +342,9 @@ def test_var_overrides_runbook_and_inventory_vars_for_one_run(cli: Cli) -> None:
     assert skipped["hosts"][0]["steps"][0]["status"] == "skipped"
     bad = cli("run", "greet", "--var", "no equals sign")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    reserved = cli("run", "greet", "--var", "host=web-01")
+    assert reserved.returncode == 2 and "'host' is a name every template already has" in \
+        reserved.stderr
     # A version pin is text: JSON would make 1.10 the number 1.1, and 007 is not JSON at all.
     for given in ("1.10", "007", "1e3", "NaN", " 3"):
         assert cli("run", "greet", "--hosts", first, "--var", f"greeting={given}").returncode == 0

@@ -131,6 +131,34 @@ steps: [{name: a, run: "true"}]
     ]
 
 
+def test_names_every_template_has_cannot_be_vars_or_registers(tmp_path: Path) -> None:
+    # `host`, `run` and `vars` win over vars and registers: one named so was out of reach.
+    runbook = write(tmp_path, "r.yaml", """\
+vars: {run: 1}
+steps:
+  - {name: a, run: "true", register: host}
+  - {name: b, run: "true", register: hosts}
+""")
+    inventory = write(tmp_path, "inventory.yaml", """\
+groups: {web: {hosts: [w1], vars: {vars: 2}}}
+hosts: {w1: {vars: {host: 3}}}
+""")
+    said = "is a name every template already has (host, run, vars); pick another"
+    assert lines_of([runbook, inventory]) == [
+        f"{inventory}:1: groups.web.vars: 'vars' {said}",
+        f"{inventory}:2: hosts.w1.vars: 'host' {said}",
+        f"{runbook}:1: vars: 'run' {said}",
+        f"{runbook}:3: steps[0].register: 'host' {said}",
+    ]
+
+
+def test_a_runbook_must_name_some_hosts(tmp_path: Path) -> None:
+    for hosts in ('""', "[]", '[web, " "]'):
+        path = write(tmp_path, "r.yaml", f"hosts: {hosts}\nsteps: [{{name: a, run: 'true'}}]\n")
+        said = "must name hosts or groups (all, a group, a glob, a list of them)"
+        assert lines_of([path]) == [f"{path}:1: hosts: {said}"], hosts
+
+
 def test_a_value_fitting_no_member_of_a_union_is_one_issue(tmp_path: Path) -> None:
     number = write(tmp_path, "a.yaml", "hosts: 5\nsteps: [{name: a, run: x}]\n")
     bad_item = write(tmp_path, "b.yaml", "hosts: [web, 5]\nsteps: [{name: a, run: x}]\n")
