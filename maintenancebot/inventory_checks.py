@@ -66,6 +66,35 @@ def inventory_issues(sources: list[Source], *, merged: bool) -> list[ConfigIssue
     if merged:
         with_defaults = [(s, ("defaults",)) for s in sources if "defaults" in s.data]
         issues += [defined_twice(s, loc, "defaults", with_defaults[0]) for s, loc in with_defaults[1:]]
+    for inventory in [sources] if merged else [[source] for source in sources]:
+        issues += _one_machine_two_names_issues(inventory)
+    return issues
+
+
+def _one_machine_two_names_issues(sources: list[Source]) -> list[ConfigIssue]:
+    """Two host names for one SSH endpoint (address, port, jump host): a run would work on that
+    machine twice at once, and the lease that keeps a host out of two runs could not see it."""
+    defaults = next((mapping_of(s.data["defaults"]) for s in sources if "defaults" in s.data), {})
+    seen: dict[tuple[Any, ...], tuple[str, Where]] = {}
+    issues = []
+    for source in sources:
+        for name, raw in mapping_of(source.data.get("hosts")).items():
+            entry = mapping_of(raw)
+            if (entry.get("connection") or defaults.get("connection")) == "local":
+                continue
+            endpoint = (entry.get("address") or name, entry.get("port") or defaults.get("port") or 22,
+                        entry.get("jump") or defaults.get("jump"))
+            if endpoint not in seen:
+                seen[endpoint] = (str(name), (source, ("hosts", name)))
+                continue
+            first, (other, other_loc) = seen[endpoint]
+            if first == name:
+                continue  # one name defined twice: said already
+            where = ("hosts", name, "address") if "address" in entry else ("hosts", name)
+            issues.append(source.issue(where, (
+                f"{name!r} reaches the same machine as {first!r} ({other.file}:"
+                f"{other.line(other_loc)}), {endpoint[0]} port {endpoint[1]}: two names for one "
+                "machine would let two runs, or one run twice, work on it at once")))
     return issues
 
 

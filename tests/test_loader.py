@@ -409,6 +409,32 @@ def test_a_host_defined_in_two_files_names_both_places(tmp_path: Path) -> None:
     ]
 
 
+def test_two_names_for_one_machine_are_an_issue_within_one_inventory(tmp_path: Path) -> None:
+    one = write(tmp_path, "one/a.yaml", """\
+defaults: {port: 2222}
+hosts:
+  web-01: {address: 10.0.0.5}
+  db-01: {address: 10.0.0.6}
+  local-a: {connection: local}
+""")
+    write(tmp_path, "one/b.yaml", """\
+hosts:
+  web-01-again: {address: 10.0.0.5}
+  web-01-other-port: {address: 10.0.0.5, port: 22}
+  db-01-via-bastion: {address: 10.0.0.6, jump: web-01}
+  local-b: {connection: local}
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(tmp_path / "one")
+    assert [str(i) for i in caught.value.issues] == [
+        (f"{tmp_path}/one/b.yaml:2: hosts.web-01-again.address: 'web-01-again' reaches the same "
+        f"machine as 'web-01' ({one}:3), 10.0.0.5 port 2222: two names for one machine would let "
+        "two runs, or one run twice, work on it at once")]
+    # Separate inventories (a demo and production) may name the same address.
+    other = write(tmp_path, "other.yaml", "hosts:\n  web-01: {address: 10.0.0.5, port: 2222}\n")
+    assert lines_of([one, other]) == []
+
+
 def test_secrets_by_reference_or_under_env_keys_are_fine(tmp_path: Path) -> None:
     path = write(
         tmp_path,
