@@ -62,6 +62,10 @@ _INLINE_SECRET = "write secrets as env:NAME or file:/path, never inline"
 _READONLY_GATED = (
     "a readonly step needs no approval (it runs even in a dry-run); drop 'approval' or 'readonly'"
 )
+_CHECK_WITHOUT_BATCHES = (
+    "runs between rolling batches, and this runbook has none, so it would never run (add e.g. "
+    "batches: [1, 100%])"
+)
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -218,6 +222,8 @@ def _check_runbook(source: Source, default_name: str, issues: list[ConfigIssue])
     runbook = _validate(source, Runbook, issues, {"name": default_name, **data})
     issues += _schedule_issues(source)
     issues += _secret_issues(source, data.get("vars"), ("vars",))
+    if data.get("between_batches") and "batches" not in data:
+        issues.append(source.issue(("between_batches",), _CHECK_WITHOUT_BATCHES))
     raw_steps = data.get("steps")
     raw_steps = raw_steps if isinstance(raw_steps, list) else []
     steps = [(i, s) for i, s in enumerate(raw_steps) if isinstance(s, dict)]

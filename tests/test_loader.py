@@ -159,6 +159,16 @@ def test_a_runbook_must_name_some_hosts(tmp_path: Path) -> None:
         assert lines_of([path]) == [f"{path}:1: hosts: {said}"], hosts
 
 
+def test_a_check_between_batches_needs_batches(tmp_path: Path) -> None:
+    # Without batches the run is one batch, and the check would silently never run.
+    path = write(tmp_path, "r.yaml", "between_batches: ./canary-ok.sh\nsteps: [{name: a, run: x}]\n")
+    assert lines_of([path]) == [
+        (f"{path}:1: between_batches: runs between rolling batches, and this runbook has none, so "
+        "it would never run (add e.g. batches: [1, 100%])")]
+    path.write_text(f"batches: [1, 100%]\n{path.read_text()}")
+    assert lines_of([path]) == []
+
+
 def test_a_value_fitting_no_member_of_a_union_is_one_issue(tmp_path: Path) -> None:
     number = write(tmp_path, "a.yaml", "hosts: 5\nsteps: [{name: a, run: x}]\n")
     bad_item = write(tmp_path, "b.yaml", "hosts: [web, 5]\nsteps: [{name: a, run: x}]\n")
