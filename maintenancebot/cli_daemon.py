@@ -114,7 +114,8 @@ def metrics(state: _State, textfile: Path | None) -> None:
 
 @cli.command()
 @click.option("--runbook", default=None, help="Only this runbook's fires.")
-@click.option("--limit", default=50, show_default=True, help="How many fires (newest last).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="How many fires (newest last).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_state
 @_clean_errors

@@ -306,7 +306,8 @@ def notify(state: _State, run_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--limit", default=20, show_default=True, help="How many runs to list.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
+              help="How many runs to list.")
 @click.option("--runbook", default=None, help="Only runs of this runbook.")
 @click.option("--status", type=click.Choice([str(s) for s in RunStatus]), default=None,
               help="Only runs that ended (or stand) so.")

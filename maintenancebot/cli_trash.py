@@ -30,7 +30,8 @@ def trash() -> None:
 @trash.command("list")
 @click.option("--run", "run_id", default=None, help="Only this run (id, unique prefix or `latest`).")
 @click.option("--host", "host", default=None, help="Only this host.")
-@click.option("--limit", default=50, show_default=True, help="Runs to look at (without --run).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Runs to look at (without --run).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_state
 @_clean_errors

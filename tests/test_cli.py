@@ -235,6 +235,9 @@ def test_history_and_show_read_back_a_run(cli: Cli) -> None:
     by_status = json.loads(cli("history", "--status", "failed", "--json").stdout)
     assert [e["run_id"] for e in by_status] == [failed["run_id"]]
     assert cli("history", "--status", "bogus").returncode == 2
+    for command in (["history"], ["trash", "list"], ["fires"]):  # SQLite reads -1 as "all"
+        refused = cli(*command, "--limit", "-1")
+        assert refused.returncode == 2 and "--limit" in refused.stderr, command
 
 
 def test_stop_refuses_new_runs_until_resume(cli: Cli) -> None:
