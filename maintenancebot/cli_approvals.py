@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # registering these commands must not load the store or rich'
 
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Answered and expired requests too.")
-@click.option("--run", "run_id", default=None, help="Only requests of this run (id, unique prefix or `latest`).")
+@click.option("--run", "run_id", default=None,
+              help="Only requests of this run (id, unique prefix or `latest`).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_state
 @_clean_errors

@@ -28,7 +28,8 @@ def trash() -> None:
 
 
 @trash.command("list")
-@click.option("--run", "run_id", default=None, help="Only this run (id, unique prefix or `latest`).")
+@click.option("--run", "run_id", default=None,
+              help="Only this run (id, unique prefix or `latest`).")
 @click.option("--host", "host", default=None, help="Only this host.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
               help="Runs to look at (without --run).")

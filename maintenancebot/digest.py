@@ -179,8 +179,8 @@ def _failure_key(step: dict[str, Any], status: str, host: dict[str, Any]
     """What makes two failures the same: step, status, error, and the last line of stderr
     (the engine's error is often just "exited 1"; the cause is in stderr)."""
     last_line = (str(step.get("stderr_tail") or "").strip().splitlines() or [""])[-1]
-    return (None if step.get("name") is None else step_name(step), status, normalize(step.get("error"), host),
-            normalize(last_line, host))
+    name = None if step.get("name") is None else step_name(step)
+    return name, status, normalize(step.get("error"), host), normalize(last_line, host)
 
 
 def _describe_steps(steps: list[dict[str, Any]]) -> str:

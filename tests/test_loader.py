@@ -161,7 +161,8 @@ def test_a_runbook_must_name_some_hosts(tmp_path: Path) -> None:
 
 def test_a_check_between_batches_needs_batches(tmp_path: Path) -> None:
     # Without batches the run is one batch, and the check would silently never run.
-    path = write(tmp_path, "r.yaml", "between_batches: ./canary-ok.sh\nsteps: [{name: a, run: x}]\n")
+    text = "between_batches: ./canary-ok.sh\nsteps: [{name: a, run: x}]\n"
+    path = write(tmp_path, "r.yaml", text)
     assert lines_of([path]) == [
         (f"{path}:1: between_batches: runs between rolling batches, and this runbook has none, so "
         "it would never run (add e.g. batches: [1, 100%])")]
