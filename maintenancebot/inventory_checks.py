@@ -82,8 +82,8 @@ def _one_machine_two_names_issues(sources: list[Source]) -> list[ConfigIssue]:
             entry = mapping_of(raw)
             if (entry.get("connection") or defaults.get("connection")) == "local":
                 continue
-            port = entry.get("port") or defaults.get("port") or 22
-            endpoint = (entry.get("address") or name, port, entry.get("jump") or defaults.get("jump"))
+            address, jump = entry.get("address") or name, entry.get("jump") or defaults.get("jump")
+            endpoint = (address, entry.get("port") or defaults.get("port") or 22, jump)
             if endpoint not in seen:
                 seen[endpoint] = (str(name), (source, ("hosts", name)))
                 continue
