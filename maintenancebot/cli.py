@@ -118,7 +118,7 @@ def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
     ctx.obj = _State(config)
 
 
-@cli.command()
+@cli.command(short_help="Check runbooks, inventories and config files.")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as a JSON list.")
 @pass_state
@@ -148,7 +148,7 @@ def validate(state: _State, paths: tuple[Path, ...], as_json: bool) -> None:
     sys.exit(EXIT_BAD_INPUT if issues else EXIT_OK)
 
 
-@cli.command()
+@cli.command(short_help="The kill switch: halt every run before its next step.")
 @click.option("--reason", required=True, help="Why; shown in every halted run and the audit.")
 @click.option("--by", "by", default=None, help="Who (default: the login name).")
 @pass_state
@@ -181,7 +181,7 @@ def resume(state: _State, by: str | None) -> None:
     err.print("resumed" if was else "was not stopped", style="green", markup=False)
 
 
-@cli.command()
+@cli.command(short_help="Next fire times of every scheduled runbook.")
 @click.option("--count", default=3, show_default=True, help="Fire times to show per runbook.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state

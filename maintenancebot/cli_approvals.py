@@ -71,7 +71,7 @@ def approvals(state: _State, show_all: bool, run_id: str | None, as_json: bool) 
                 click.echo(line)
 
 
-@cli.command()
+@cli.command(short_help="Approve a request: its hosts run the step as shown.")
 @click.argument("request_id", type=int)
 @click.option("--host", "hosts", multiple=True, metavar="HOST",
               help="Approve only this host (repeatable); the others stay parked.")
@@ -84,7 +84,7 @@ def approve(state: _State, request_id: int, hosts: tuple[str, ...], by: str | No
     _answer(state, request_id, approve=True, hosts=hosts, by=by, reason=None)
 
 
-@cli.command()
+@cli.command(short_help="Deny a request: the step is skipped (or per on_deny).")
 @click.argument("request_id", type=int)
 @click.option("--host", "hosts", multiple=True, metavar="HOST",
               help="Deny only this host (repeatable); the others stay parked.")

@@ -112,7 +112,7 @@ def metrics(state: _State, textfile: Path | None) -> None:
         raise MaintenanceBotError(f"cannot write {textfile}: {exc.strerror or exc}") from exc
 
 
-@cli.command()
+@cli.command(short_help="The daemon's decision on each scheduled fire.")
 @click.option("--runbook", default=None, help="Only this runbook's fires.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
               help="How many fires (newest last).")

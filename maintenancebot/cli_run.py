@@ -275,7 +275,7 @@ def _print_summary(run: Any) -> None:
         err.print(f"warning: {run.notify_error}", style="yellow", markup=False)
 
 
-@cli.command()
+@cli.command(short_help="Send a run's summary again (after notify_failed).")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the delivery result as JSON.")
 @pass_state
@@ -305,7 +305,7 @@ def notify(state: _State, run_id: str, as_json: bool) -> None:
     sys.exit(EXIT_OK if report.notify_state == reporting.SENT else EXIT_FAILED)
 
 
-@cli.command()
+@cli.command(short_help="List recent runs, newest first.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
               help="How many runs to list.")
 @click.option("--runbook", default=None, help="Only runs of this runbook.")
@@ -336,7 +336,7 @@ def history(state: _State, limit: int, runbook: str | None, status: str | None,
             click.echo(line)
 
 
-@cli.command()
+@cli.command(short_help="Show one run, host by host and step by step.")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON document.")
 @pass_state

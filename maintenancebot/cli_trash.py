@@ -22,12 +22,12 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
-@cli.group()
+@cli.group(short_help="List, restore and purge what runs moved to the trash.")
 def trash() -> None:
     """What runs moved to the trash: list it, restore it by hand, purge it after retention."""
 
 
-@trash.command("list")
+@trash.command("list", short_help="List trash entries, newest run first.")
 @click.option("--run", "run_id", default=None,
               help="Only this run (id, unique prefix or `latest`).")
 @click.option("--host", "host", default=None, help="Only this host.")
@@ -72,7 +72,7 @@ def _table(entries: list[dict[str, Any]]) -> Table:
     return table
 
 
-@trash.command()
+@trash.command(short_help="Put back every file a run moved to the trash.")
 @click.argument("run_id")
 @click.option("--host", "hosts", multiple=True, help="Only this host (repeatable).")
 @click.option("--by", "by", default=None, help="Who (default: the login name), for the audit.")
@@ -92,7 +92,7 @@ def restore(state: _State, run_id: str, hosts: tuple[str, ...], by: str | None,
     _print_results(results, as_json)
 
 
-@trash.command()
+@trash.command(short_help="Delete for good the trash past its retention.")
 @click.option("--older-than", "older_than", default=None,
               help="Age past which trash goes for good (default: the configured trash_retention).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be purged.")

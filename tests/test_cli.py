@@ -424,3 +424,12 @@ def test_a_host_that_cannot_be_reached_is_reported_and_the_others_run(cli: Cli) 
     ghost = hosts.pop("ghost")
     assert ghost["status"] == "unreachable" and "refused" in ghost["error"]
     assert {host["status"] for host in hosts.values()} == {"succeeded"}
+
+
+def test_every_command_has_its_whole_one_line_help_in_an_80_column_terminal(cli: Cli) -> None:
+    for group in ([], ["trash"]):
+        shown = subprocess.run([sys.executable, "-m", "maintenancebot", *group, "--help"],
+                               capture_output=True, text=True, check=True, cwd=REPO,
+                               env={**cli.env(), "COLUMNS": "80"}).stdout
+        commands = shown.split("Commands:\n", 1)[1].splitlines()
+        assert commands and not [line for line in commands if line.endswith("...")], shown
