@@ -152,7 +152,9 @@ class HostRun:
                 return self._fail_unrun(index, step, why)
             if not holds:
                 self._settle_parked(StepStatus.DENIED, "its condition no longer holds")
-                return self._decide(index, step, StepStatus.SKIPPED, reason=f"when: {step.when}")
+                # Not "when: X": read after "skipped", that says the opposite of what happened.
+                return self._decide(index, step, StepStatus.SKIPPED,
+                                    reason=f"condition false: {step.when}")
         try:
             rendered = render_step(templates, step, context, shown_context)
         except TemplateError as exc:

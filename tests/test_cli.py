@@ -342,7 +342,9 @@ def test_var_overrides_runbook_and_inventory_vars_for_one_run(cli: Cli) -> None:
     assert (cli.fleet.root(first) / "greeting").read_text() == "good day\n"
     skipped = json.loads(cli("run", "greet", "--hosts", first, "--var", "loud=true",
                              "--json").stdout)
-    assert skipped["hosts"][0]["steps"][0]["status"] == "skipped"
+    step = skipped["hosts"][0]["steps"][0]
+    # Printed after "skipped", the reason must not read as the condition for skipping.
+    assert (step["status"], step["error"]) == ("skipped", "condition false: not loud")
     bad = cli("run", "greet", "--var", "no equals sign")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     reserved = cli("run", "greet", "--var", "host=web-01")
