@@ -9,6 +9,7 @@ compiled once per run, not once per host.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,10 @@ def host_contexts(
     rendered without the secret cannot hold any of those. Without secrets, both are one dict."""
     merged = {**plan.runbook.vars, **host.vars, **plan.overrides}
     real = _context(resolve_secrets(merged), host, run, registered)
-    if not _holds_reference(merged):
+    masked = _map_references(merged, lambda _reference: REDACTED)
+    if masked == merged:  # no secret reference: one context
         return real, real
-    return real, _context(_mask_secrets(merged), host, run, registered)
+    return real, _context(masked, host, run, registered)
 
 
 def _context(merged: dict[str, Any], host: Host, run: dict[str, Any],
@@ -138,36 +140,25 @@ def _context(merged: dict[str, Any], host: Host, run: dict[str, Any],
     return {**merged, **registered, "vars": merged, "host": host_view, "run": run}
 
 
-def _holds_reference(value: Any) -> bool:
-    if isinstance(value, str):
-        return is_reference(value)
-    if isinstance(value, dict):
-        return any(_holds_reference(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_holds_reference(item) for item in value)
-    return False
-
-
-def _mask_secrets(value: Any) -> Any:
-    if isinstance(value, str) and is_reference(value):
-        return REDACTED
-    if isinstance(value, dict):
-        return {key: _mask_secrets(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_mask_secrets(item) for item in value]
-    return value
-
-
 def resolve_secrets(value: Any) -> Any:
     """Vars holding `env:NAME` or `file:/path` get the secret's value, read at render time so
     it lives only in memory; the store, logs and reports see it redacted."""
+    return _map_references(value, _secret_of)
+
+
+def _secret_of(reference: str) -> Any:
+    secret = resolve_reference(reference)
+    if secret is None:
+        return unavailable(f"secret reference {reference!r} cannot be read on this controller")
+    return secret.rstrip("\n")
+
+
+def _map_references(value: Any, replace: Callable[[str], Any]) -> Any:
+    """`value` with every `env:`/`file:` reference in it, however deep, replaced."""
     if isinstance(value, str) and is_reference(value):
-        secret = resolve_reference(value)
-        if secret is None:
-            return unavailable(f"secret reference {value!r} cannot be read on this controller")
-        return secret.rstrip("\n")
+        return replace(value)
     if isinstance(value, dict):
-        return {key: resolve_secrets(item) for key, item in value.items()}
+        return {key: _map_references(item, replace) for key, item in value.items()}
     if isinstance(value, list):
-        return [resolve_secrets(item) for item in value]
+        return [_map_references(item, replace) for item in value]
     return value
