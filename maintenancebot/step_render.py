@@ -20,7 +20,13 @@ from maintenancebot.actions import get_action
 from maintenancebot.errors import TemplateError
 from maintenancebot.models import Step
 from maintenancebot.templating import Templates
-from maintenancebot.yamlsource import format_loc, one_line_yaml, plain_message, strip_union_tags
+from maintenancebot.yamlsource import (
+    format_loc,
+    one_line_yaml,
+    plain_message,
+    strip_union_tags,
+    walk,
+)
 
 
 @dataclass(frozen=True)
@@ -92,17 +98,8 @@ def told(error: Exception, context: dict[str, Any], shown_context: dict[str, Any
 def reads_of(templates: Templates, step: Step) -> set[str]:
     """The variables a step's templates read: its `when`, `run`, `rollback` and arguments."""
     reads = set(templates.names(step.when, expression=True)) if step.when else set()
-    for source in (step.run, step.rollback, *_strings(step.args)):
+    arguments = [value for _, value in walk(step.args) if isinstance(value, str)]
+    for source in (step.run, step.rollback, *arguments):
         if source:
             reads |= templates.names(source)
     return reads
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for item in value.values() for s in _strings(item)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return []

@@ -357,3 +357,16 @@ def test_dry_run_never_guesses_a_condition_it_cannot_evaluate(bench: Bench) -> N
     assert [s["status"] for s in steps] == ["would_run", "unknown", "would_run"]
     assert "stamp" in steps[1]["error"]
     assert not (bench.fleet.root(name) / "stamp").exists()
+
+
+def test_dry_run_never_guesses_an_action_argument_it_cannot_render(bench: Bench) -> None:
+    outcome = bench.run("""
+        steps:
+          - {name: change something, run: 'date > {{ root }}/stamp', register: stamp}
+          - name: reads it in an argument
+            action: safe_delete
+            with: {within: "{{ root }}", paths: ["{{ root }}/{{ stamp.stdout }}/*"]}
+    """, dry_run=True)
+    steps = bench.steps(outcome.run_id, bench.fleet.names[0])
+    assert [s["status"] for s in steps] == ["would_run", "unknown"]
+    assert "stamp" in steps[1]["error"]
