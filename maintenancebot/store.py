@@ -242,15 +242,16 @@ class RunStore(ApprovalTables, ProcessTables, ScheduleTables):
         `latest`: the run started last (ids start with a date, so no prefix reads `latest`)."""
         if run_id == LATEST:
             rows = self._query("SELECT * FROM runs ORDER BY started_at DESC, id DESC LIMIT 1")
-        else:
-            rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
-        if not rows and run_id and run_id != LATEST:
+            if not rows:
+                raise NotFound("no run recorded yet")
+            return _run(rows[0])
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows and run_id:
             pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             rows = self._query("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 3",
                                (pattern,))
         if not rows:
-            raise NotFound(f"no run {run_id!r} (see `maintenancebot history`)"
-                           if run_id != LATEST else "no run recorded yet")
+            raise NotFound(f"no run {run_id!r} (see `maintenancebot history`)")
         if len(rows) > 1:
             raise NotFound(f"run id prefix {run_id!r} is ambiguous: "
                            + ", ".join(r["id"] for r in rows) + ", ...")
