@@ -3,8 +3,9 @@
 commands on this group, the only code that prints for humans and chooses exit codes.
 
 Exit codes are a contract (DESIGN §8): 0 all good, 1 the run finished with failures, 2 bad input
-and nothing ran, 3 aborted (breaker, kill switch, timeout, hosts in another run), 4 waiting for
-approval. Expected errors print one clean line; anything else is a bug and keeps its traceback.
+and nothing ran, 3 aborted (breaker, kill switch, timeout, Ctrl-C or SIGTERM, hosts in another
+run), 4 waiting for approval. Expected errors print one clean line; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
 
     \b
     Exit codes: 0 all good, 1 finished with failures, 2 bad input (nothing ran),
-    3 aborted (circuit breaker, kill switch, timeout, hosts held by another run),
-    4 waiting for approval.
+    3 aborted (circuit breaker, kill switch, timeout, Ctrl-C or SIGTERM, hosts held by
+    another run), 4 waiting for approval.
     """
     # Warnings and errors always reach stderr; every record passes the run's redactor first.
     logging.basicConfig(stream=sys.stderr, level=max(logging.DEBUG, logging.WARNING - 10 * verbose),
