@@ -61,7 +61,7 @@ _run_options = [
 
 
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
-    from maintenancebot.models import RESERVED_NAMES
+    from maintenancebot.models import not_reserved
 
     parsed: dict[str, Any] = {}
     for pair in pairs:
@@ -69,9 +69,10 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
         if not sep or not key.isidentifier():
             raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY a variable name",
                                      param_hint="--var")
-        if key in RESERVED_NAMES:
-            raise click.BadParameter(f"{key!r} is a name every template already has "
-                                     f"({', '.join(RESERVED_NAMES)})", param_hint="--var")
+        try:
+            not_reserved(key)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--var") from None
         parsed[key] = _var_value(value)
     if parsed:
         from maintenancebot.loader import inline_secrets

@@ -85,7 +85,8 @@ BatchSize = Annotated[Share, AfterValidator(_not_empty_batch)]
 RESERVED_NAMES = ("host", "run", "vars")
 
 
-def _not_reserved(name: str) -> str:
+def not_reserved(name: str) -> str:
+    """`name`, unless it is one of RESERVED_NAMES (ValueError, saying why)."""
     if name in RESERVED_NAMES:
         raise ValueError(f"{name!r} is a name every template already has "
                          f"({', '.join(RESERVED_NAMES)}); pick another")
@@ -94,7 +95,7 @@ def _not_reserved(name: str) -> str:
 
 def _no_reserved_keys(values: dict[str, Any]) -> dict[str, Any]:
     for key in values:
-        _not_reserved(key)
+        not_reserved(key)
     return values
 
 
@@ -152,7 +153,7 @@ class Step(_Model):
     def _register_is_identifier(cls, value: str | None) -> str | None:
         if value is not None and not _IDENTIFIER.match(value):
             raise ValueError(f"{value!r} is not a valid variable name")
-        return None if value is None else _not_reserved(value)
+        return None if value is None else not_reserved(value)
 
     @model_validator(mode="after")
     def _exactly_one_of_run_or_action(self) -> Step:
