@@ -162,14 +162,19 @@ def test_an_aead_cipher_is_chosen_where_offered_and_others_still_connect(
     assert chosen.group(1) == ("aes128-gcm@openssh.com" if server_ciphers is None else "aes256-ctr")
 
 
-def test_a_step_costs_no_shell_of_its_own_on_the_host(fleet: Fleet) -> None:
-    """The login shell execs the wrapper: the step's shell is the child of `timeout`, whose
-    parent is sshd itself."""
-    parents = ('p=$PPID; for _ in 1 2; do cat /proc/$p/comm; '
+def test_the_steps_of_a_connection_run_in_one_shell_on_the_host(fleet: Fleet) -> None:
+    """sshd starts no session per step: each step is a child of `timeout`, whose parent is the
+    connection's one shell. A command without a timeout still takes a channel of its own, whose
+    login shell execs it: its parent is sshd."""
+    parents = ('p=$PPID; for _ in 1 2; do echo "$(cat /proc/$p/comm):$p"; '
                'p=$(awk \'/^PPid:/ {print $2}\' /proc/$p/status); done')
     with SshTransport(fleet.host(fleet.names[0]), fleet.ssh_settings) as ssh:
-        assert ssh.run(Command(parents, timeout=30)).stdout.split() == ["timeout", "sshd"]
-        assert ssh.run(Command(parents)).stdout.split()[0] == "sshd"
+        first = ssh.run(Command(parents, timeout=30)).stdout.split()
+        second = ssh.run(Command(parents, timeout=30)).stdout.split()
+        assert [entry.split(":")[0] for entry in first] == ["timeout", "sh"]
+        assert first[1] == second[1]
+        assert first[0] != second[0]
+        assert ssh.run(Command(parents)).stdout.split()[0].startswith("sshd:")
 
 
 def test_no_known_hosts_file_means_no_connection(fleet: Fleet) -> None:

@@ -84,8 +84,14 @@ def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
     opened.close()
 
 
-def test_run_returns_rc_stdout_and_stderr(transport: Transport) -> None:
-    result = transport.run(Command("echo out; echo err >&2; exit 3"))
+# With a timeout, as every step has, an SSH command runs in the connection's shell; without, on
+# a channel of its own (`ssh_shell`). The contract is the same.
+WITH_AND_WITHOUT_TIMEOUT = pytest.mark.parametrize("timeout", [None, 30])
+
+
+@WITH_AND_WITHOUT_TIMEOUT
+def test_run_returns_rc_stdout_and_stderr(transport: Transport, timeout: float | None) -> None:
+    result = transport.run(Command("echo out; echo err >&2; exit 3", timeout=timeout))
     assert (result.rc, result.stdout, result.stderr, result.ok) == (3, "out\n", "err\n", False)
     assert 0 <= result.duration < 5
 
@@ -168,14 +174,19 @@ def test_output_tail_keeps_exactly_the_last_bytes_of_any_chunking() -> None:
         assert tail.value() == note + kept
 
 
-def test_output_that_is_not_utf8_is_replaced_not_fatal(transport: Transport) -> None:
-    result = transport.run(Command("printf 'ok \\377\\376 end'; printf '\\377' >&2"))
+@WITH_AND_WITHOUT_TIMEOUT
+def test_output_that_is_not_utf8_is_replaced_not_fatal(
+        transport: Transport, timeout: float | None) -> None:
+    result = transport.run(Command("printf 'ok \\377\\376 end'; printf '\\377' >&2",
+                                   timeout=timeout))
     assert (result.stdout, result.stderr) == ("ok \ufffd\ufffd end", "\ufffd")
 
 
-def test_env_values_arrive_verbatim(transport: Transport) -> None:
-    value = "it's \"quoted\" $HOME `id` ; rm -rf /nothing"
-    result = transport.run(Command('printf %s "$GREETING"', env={"GREETING": value}))
+@WITH_AND_WITHOUT_TIMEOUT
+def test_env_values_arrive_verbatim(transport: Transport, timeout: float | None) -> None:
+    value = "it's \"quoted\" $HOME `id` ; rm -rf /nothing\nand a second line"
+    result = transport.run(Command('printf %s "$GREETING"', env={"GREETING": value},
+                                   timeout=timeout))
     assert result.stdout == value
 
 
@@ -234,8 +245,9 @@ def test_a_plain_command_has_the_words_sh_would_give_it() -> None:
     assert checked > 1000  # the generator does reach the plain grammar
 
 
+@WITH_AND_WITHOUT_TIMEOUT
 def test_a_command_starts_only_once_before_start_has_returned(
-        transport: Transport, tmp_path: Path) -> None:
+        transport: Transport, tmp_path: Path, timeout: float | None) -> None:
     ran, never = tmp_path / "ran", tmp_path / "never"
     seen: list[bool] = []
 
@@ -243,7 +255,7 @@ def test_a_command_starts_only_once_before_start_has_returned(
         time.sleep(0.3)
         seen.append(ran.exists())
 
-    transport.run(Command(f"touch {ran}"), before_start=before)
+    transport.run(Command(f"touch {ran}", timeout=timeout), before_start=before)
     assert seen == [False] and ran.exists()
 
     class Refused(Exception):
@@ -253,10 +265,11 @@ def test_a_command_starts_only_once_before_start_has_returned(
         raise Refused
 
     with pytest.raises(Refused):
-        transport.run(Command(f"touch {never}"), before_start=refuse)
+        transport.run(Command(f"touch {never}", timeout=timeout), before_start=refuse)
     time.sleep(0.3)
     assert not never.exists()
-    assert transport.run(Command("echo still usable")).stdout == "still usable\n"
+    assert transport.run(Command("echo still usable", timeout=timeout)).stdout == \
+        "still usable\n"
 
 
 def test_death_by_signal_reports_128_plus_the_signal(transport: Transport) -> None:

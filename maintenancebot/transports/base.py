@@ -110,22 +110,26 @@ class Transport(Protocol):
 
 
 def wrap_script(command: Command) -> str:
-    """The one shell line a transport executes for `command`.
+    """The one shell line a transport executes for `command`: `command_argv`, through `sudo -n`
+    when the command wants root (it fails at once instead of prompting for a password that
+    nobody will type)."""
+    argv = command_argv(command)
+    return shlex.join(["sudo", "-n", "--", *argv] if command.sudo else argv)
 
-    `timeout` runs the script (through `sh -c`, or itself for a plain command: `_plain_command`)
-    in its own process group and kills that whole group (TERM, then KILL), so a hung step cannot
-    survive its deadline even though no pty is allocated. `sudo -n` fails at once instead of
-    prompting for a password that nobody will type.
-    """
+
+def command_argv(command: Command) -> list[str]:
+    """What runs `command` once the user is right: with a timeout, `timeout` runs the script
+    (through `sh -c`, or itself for a plain command: `_plain_command`) in its own process group
+    and kills that whole group (TERM, then KILL), so a hung step cannot survive its deadline
+    even though no pty is allocated. That group is also what tells the SSH transport's shell
+    whether a command left processes behind (`ssh_shell`)."""
     argv = _plain_command(command.script) or ["sh", "-c", command.script]
     if command.env:
         argv = ["env", *(f"{key}={value}" for key, value in sorted(command.env.items())), *argv]
     if command.timeout:
         seconds = max(1, math.ceil(command.timeout))
         argv = ["timeout", "-k", str(KILL_GRACE), str(seconds), *argv]
-    if command.sudo:
-        argv = ["sudo", "-n", "--", *argv]
-    return shlex.join(argv)
+    return argv
 
 
 # A script that is one simple command with nothing for a shell to expand or interpret (no

@@ -43,6 +43,7 @@ from maintenancebot.transports.ssh_hostkeys import (
     unknown_key_error,
 )
 from maintenancebot.transports.ssh_output import collect, remaining
+from maintenancebot.transports.ssh_shell import SHELL_COMMAND, ShellEnded, ShellSession, fits
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class SshTransport:
         self._ssh = ssh
         self._hops: list[paramiko.SSHClient] = []  # jump hosts first, the target last
         self._sftp: paramiko.SFTPClient | None = None
+        self._shell: ShellSession | None = None
 
     def __enter__(self) -> Self:
         self.connect()
@@ -102,6 +104,7 @@ class SshTransport:
     def close(self) -> None:
         sftp, self._sftp = self._sftp, None
         hops, self._hops = self._hops, []
+        self._shell = None  # closed with its connection
         if sftp is not None:
             _quietly(sftp.close)
         _close_all(hops)
@@ -217,28 +220,56 @@ class SshTransport:
 
     def run(self, command: Command, *, before_start: Callable[[], object] | None = None
             ) -> CommandResult:
+        """In the connection's shell when the command `fits` it (`ssh_shell` says why), else on
+        a session channel of its own."""
         client = self._client()
         started = time.monotonic()
         limit = controller_deadline(command)
         deadline = None if limit is None else started + limit
-        channel: paramiko.Channel | None = None
         try:
+            if fits(command):
+                rc, out, err = self._run_in_shell(client, command, deadline, before_start)
+            else:
+                rc, out, err = self._run_on_channel(client, command, deadline, before_start)
+        except _LINK_ERRORS as exc:
+            raise TransportError(f"{self.host.name}: the SSH connection failed during a command: "
+                                 f"{exc}") from exc
+        if rc is None:
+            raise self._abandoned(command, out, err, time.monotonic() - started)
+        return self._result(command, rc, out, err, time.monotonic() - started)
+
+    def _run_in_shell(self, client: paramiko.SSHClient, command: Command, deadline: float | None,
+                      before_start: Callable[[], object] | None
+                      ) -> tuple[int | None, bytes, bytes]:
+        shell = self._shell
+        if shell is None or not shell.usable or shell.channel.closed:
             channel = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+            channel.exec_command(SHELL_COMMAND)
+            shell = self._shell = ShellSession(channel)
+        try:
+            return shell.run(command, deadline, before_start)
+        except ShellEnded as exc:
+            raise TransportError(f"{self.host.name}: {exc}") from exc
+        finally:
+            if not shell.usable:
+                self._shell = None
+                _quietly(shell.channel.close)
+
+    def _run_on_channel(self, client: paramiko.SSHClient, command: Command,
+                        deadline: float | None, before_start: Callable[[], object] | None
+                        ) -> tuple[int | None, bytes, bytes]:
+        channel = client.get_transport().open_session(timeout=self._ssh.connect_timeout)
+        try:
             if before_start is not None:
                 before_start()
             channel.exec_command(_remote_line(command))
             _feed_stdin(channel, command.stdin)
             out, err, done = collect(channel, deadline, command.output_limit)
             if not (done and channel.status_event.wait(remaining(deadline))):
-                raise self._abandoned(command, out, err, time.monotonic() - started)
-            rc = self._exit_status(channel)
-            return self._result(command, rc, out, err, time.monotonic() - started)
-        except _LINK_ERRORS as exc:
-            raise TransportError(f"{self.host.name}: the SSH connection failed during a command: "
-                                 f"{exc}") from exc
+                return None, out, err
+            return self._exit_status(channel), out, err
         finally:
-            if channel is not None:
-                _quietly(channel.close)
+            _quietly(channel.close)
 
     def _abandoned(self, command: Command, out: bytes, err: bytes, duration: float) -> CommandTimeout:
         # The remote `timeout` should have ended it already; closing the channel is all we can

@@ -1,0 +1,204 @@
+"""Commands through one long-lived POSIX shell per SSH connection.
+
+A session channel per command makes sshd set up a session and start the login shell each time:
+about 1.2 ms of the host's CPU and 1 ms of ours per command, more than `uptime` itself costs, and
+a fifth of a 50-host run (README, Performance). So a connection keeps one `/bin/sh` on one
+channel and hands it one command line at a time. The command runs exactly as it would on a
+channel of its own (the same `command_argv`, whose `timeout` leads a process group and kills it
+whole), in the background of that shell with stdin from /dev/null. The shell then prints a
+marker, a random nonce per command, with the exit status on stdout and alone on stderr; what
+came before the markers is the command's output.
+
+What a channel of its own gave for free is kept on purpose:
+- **The end of the output.** A channel ends at EOF, once every process holding the output has
+  exited, not only the command. The shell checks whether anything is still running in the
+  command's process group (`kill -0`); if so it exits, and the output is read on to EOF or the
+  deadline, as before. Output after a marker (a process that left the group) ends the shell the
+  same way. Otherwise a stray writer's text could land in the next command's output.
+- **Isolation.** Each command is a process of its own: it cannot change the shell's directory,
+  variables or options. The shell itself only sets `n`, `p`, `r` and its positional parameters,
+  none of them exported.
+- **Quiet signals.** A shell reports a child killed by a signal ("Terminated") on stderr; `wait
+  2>/dev/null` keeps that out of the output, as `exec` on a channel of its own did.
+- **sudo.** The same runner goes under `sudo -n`, so the process group is checked as root.
+
+Commands with stdin data (the end of their input is the channel's EOF) or without a timeout (no
+process group to check) take a channel of their own (`SshTransport.run`).
+
+The channel is duck-typed (paramiko's `Channel`): `transports.ssh` stays the one module that
+imports paramiko, and catches what it raises.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+from maintenancebot.transports.base import Command, OutputTail, command_argv
+from maintenancebot.transports.ssh_output import CHUNK, POLL_SECONDS, Arrivals, remaining
+
+SHELL_COMMAND = "exec /bin/sh"
+
+# Runs "$@" (the command's argv) for marker "$1" and leaves its exit status in r. Then prints
+# "left" unless nothing it started can still write to the output: nothing is left in the process
+# group that `timeout` leads, and no process started since (pids p+1 to the last pid given, from
+# /proc/loadavg) has the shell's stdout or stderr as its own (a `setsid` daemon). Without
+# /proc, after a pid wrap, or with too many new pids to look at, it says "left" to be safe.
+_RUNNER = """n=$1; shift; "$@" </dev/null & p=$!; wait "$p" 2>/dev/null; r=$?; l=
+if kill -0 -"$p" 2>/dev/null || ! read -r _ _ _ _ q </proc/loadavg 2>/dev/null \\
+  || [ "$q" -lt "$p" ] || [ $((q - p)) -gt 500 ]; then l=1; fi
+i=$p; while [ -z "$l" ] && [ "$i" -lt "$q" ]; do i=$((i + 1)); [ -e /proc/$i/fd ] || continue
+  for f in /proc/$i/fd/1 /proc/$i/fd/2; do
+    if [ "$f" -ef /proc/$$/fd/1 ] || [ "$f" -ef /proc/$$/fd/2 ]; then l=1; fi; done; done
+if [ -n "$l" ]; then printf '%s left\\n' "$n"; fi"""
+
+
+class ShellEnded(Exception):
+    """The shell's channel closed before the command's markers came (the shell was killed)."""
+
+
+def fits(command: Command) -> bool:
+    """Whether `command` can run in the shell (see the module's last paragraph)."""
+    return command.stdin is None and bool(command.timeout)
+
+
+# Sent once per shell, so that a command line is short to send and to parse.
+DEFINE_RUNNER = f"mb_run() {{\n{_RUNNER}\n}}\n"
+
+
+def shell_line(command: Command, nonce: str) -> str:
+    argv = shlex.join(command_argv(command))
+    if command.sudo:
+        run = (f"sudo -n -- sh -c {shlex.quote(_RUNNER + '; exit $r')} sh {nonce} {argv}; "
+               "r=$?")
+    else:
+        run = f"mb_run {nonce} {argv}"
+    return f"{run}; printf '%s %d\\n' {nonce} \"$r\"; printf '%s\\n' {nonce} >&2\n"
+
+
+class ShellSession:
+    """One `/bin/sh` on `channel`, running one command at a time."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self._arrivals = Arrivals(channel)
+        channel.sendall(DEFINE_RUNNER.encode())
+        # False once the shell was told to exit (or broke): the transport then starts another.
+        self.usable = True
+
+    def run(self, command: Command, deadline: float | None,
+            before_start: Callable[[], object] | None) -> tuple[int | None, bytes, bytes]:
+        """(exit status, stdout, stderr); the status is None if the deadline came first.
+        Raises ShellEnded, and whatever the channel raises (the caller translates it)."""
+        nonce = secrets.token_hex(16)
+        out = _Stream(nonce, command.output_limit, _STATUS_LINE)
+        err = _Stream(nonce, command.output_limit, _ERR_LINE)
+        if before_start is not None:
+            before_start()
+        self.channel.sendall(shell_line(command, nonce).encode())
+        if not self._read(out, err, deadline, lambda: out.done and err.done):
+            self.usable = False
+            return None, out.value(), err.value()
+        if out.ended or err.ended:
+            self.usable = False
+            raise ShellEnded("the shell running the command ended before the command did")
+        if out.left or out.stray or err.stray:
+            # Something still holds the output: read it to EOF, as a channel of its own would.
+            self.usable = False
+            self.channel.sendall(b"exit\n")
+            if not self._read(out, err, deadline, lambda: False):
+                return None, out.value(), err.value()
+        return out.status, out.value(), err.value()
+
+    def _read(self, out: _Stream, err: _Stream, deadline: float | None,
+              finished: Callable[[], bool]) -> bool:
+        """Read both streams until `finished()` or EOF (True), or the deadline (False)."""
+        channel = self.channel
+        while True:
+            ended = channel.eof_received or channel.closed
+            while channel.recv_ready():
+                out.add(channel.recv(CHUNK))
+            while channel.recv_stderr_ready():
+                err.add(channel.recv_stderr(CHUNK))
+            if ended:
+                out.end()
+                err.end()
+            if finished() or ended:
+                return True
+            wait = remaining(deadline)
+            if wait is not None and wait <= 0:
+                return False
+            self._arrivals.wait(POLL_SECONDS if wait is None else min(POLL_SECONDS, wait))
+
+
+# What follows the nonce: on stdout, an optional "left" line and the exit status; on stderr, a
+# line end. `_Stream` takes the first match; any byte after it came from someone else.
+_STATUS_LINE = re.compile(rb"(?P<left> left\n[0-9a-f]{32})? (?P<status>\d+)\n")
+_ERR_LINE = re.compile(rb"\n")
+
+
+class _Stream:
+    """One of the shell's streams during one command: the command's bytes up to the nonce
+    (kept as `OutputTail` keeps them), then the marker."""
+
+    def __init__(self, nonce: str, limit: int | None, marker: re.Pattern[bytes]) -> None:
+        self._nonce = nonce.encode()
+        self._tail = OutputTail(limit)
+        self._marker = marker
+        self._carry = b""  # the end of what came, in case it is the start of the nonce
+        self._after: bytes | None = None  # what came after the nonce
+        self.done = False
+        self.ended = False  # EOF came before the marker
+        self.left = False
+        self.status: int | None = None
+        self.stray = False  # bytes came after the marker: someone else holds the stream
+
+    def add(self, data: bytes) -> None:
+        if self._after is not None:
+            self._after += data
+            self._parse()
+            return
+        if self.done:
+            self.stray = True
+            self._tail.add(data)
+            return
+        data = self._carry + data
+        at = data.find(self._nonce)
+        if at >= 0:
+            self._carry = b""
+            self._tail.add(data[:at])
+            self._after = data[at + len(self._nonce):]
+            self._parse()
+            return
+        cut = max(0, len(data) - len(self._nonce) + 1)
+        if cut:
+            self._tail.add(data[:cut])
+        self._carry = data[cut:]
+
+    def _parse(self) -> None:
+        assert self._after is not None
+        match = self._marker.match(self._after)
+        if match is None:
+            return
+        self.done = True
+        self.left = bool(match.groupdict().get("left"))
+        status = match.groupdict().get("status")
+        self.status = None if status is None else int(status)
+        after, self._after = self._after[match.end():], None
+        if after:
+            self.stray = True
+            self._tail.add(after)  # the command's, as everything up to EOF will be
+
+    def end(self) -> None:
+        """EOF: whatever came and was not a whole marker is the command's output."""
+        if not self.done:
+            self.ended = self.done = True
+
+    def value(self) -> bytes:
+        if not self.done or self.ended:  # cut off: what may have been a marker is output too
+            self._tail.add(self._carry + (self._after or b""))
+            self._carry, self._after = b"", None
+        return self._tail.value()
