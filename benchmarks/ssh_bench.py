@@ -122,34 +122,17 @@ steps:
 
 
 def floor_tools(fleet: Fleet, names: list[str], work: Path) -> list[Tool]:
-    """The floor, and the floor sending each command in the very line maintenancebot sends
-    (`exec timeout -k 3 600 [sh -c] ...`): one or two more processes per step on the host,
-    which this benchmark's hosts pay on the controller's own cores. The difference is that
-    price."""
-    tools: list[Tool] = []
-    for label, line in (("floor (raw paramiko)", str),
-                        ("floor, bot's remote line", _bot_line)):
-        spec = {
-            "known_hosts": str(fleet.known_hosts), "key": str(fleet.client_key),
-            "hosts": [{"address": fleet.host(n).address, "port": fleet.host(n).port,
-                       "user": fleet.user,
-                       "commands": [line(c) for c in workload(str(fleet.root(n)))]}
-                      for n in names],
-        }
-        path = work / f"floor-{len(tools)}.json"
-        path.write_text(json.dumps(spec))
-        tools.append(Tool(label, [sys.executable, str(REPO / "benchmarks" / "floor_paramiko.py"),
-                                  str(path)]))
-    return tools
-
-
-def _bot_line(script: str) -> str:
-    # The transport's own function (private, but a benchmark may look inside): what the bot
-    # really sends for a step with the default 10-minute timeout.
-    from maintenancebot.transports.base import Command
-    from maintenancebot.transports.ssh import _remote_line
-
-    return _remote_line(Command(script=script, timeout=600))
+    """The floor: one connection and one thread per host, the 5 bare commands, nothing else."""
+    spec = {
+        "known_hosts": str(fleet.known_hosts), "key": str(fleet.client_key),
+        "hosts": [{"address": fleet.host(n).address, "port": fleet.host(n).port,
+                   "user": fleet.user, "commands": workload(str(fleet.root(n)))}
+                  for n in names],
+    }
+    path = work / "floor.json"
+    path.write_text(json.dumps(spec))
+    return [Tool("floor (raw paramiko)",
+                 [sys.executable, str(REPO / "benchmarks" / "floor_paramiko.py"), str(path)])]
 
 
 def ansible_tool(fleet: Fleet, names: list[str], work: Path) -> Tool | None:
