@@ -113,6 +113,16 @@ def test_signals_are_not_reported_into_the_output(fleet: Fleet) -> None:
     assert (killed.rc, killed.stderr, after.stderr) == (143, "", "")
 
 
+@pytest.mark.parametrize("sudo", [False, True])
+def test_no_process_on_the_host_shows_the_marker(fleet: Fleet, sudo: bool) -> None:
+    """A step that prints every process's command line (`ps`) must not print its own marker:
+    its output would end there."""
+    with SshTransport(fleet.host(fleet.names[0]), fleet.ssh_settings) as ssh:
+        result = ssh.run(Command("ps -eo args; echo end", sudo=sudo, timeout=5))
+    assert (result.rc, result.stdout.splitlines()[-1]) == (0, "end")
+    assert "ps -eo args" in result.stdout
+
+
 # ------------------------------------------------------------------------------ the markers
 
 

@@ -42,18 +42,24 @@ from maintenancebot.transports.ssh_output import CHUNK, POLL_SECONDS, Arrivals, 
 
 SHELL_COMMAND = "exec /bin/sh"
 
-# Runs "$@" (the command's argv) for marker "$1" and leaves its exit status in r. Then prints
+# Runs "$@" (the command's argv) for marker $n and leaves its exit status in r. Then prints
 # "left" unless nothing it started can still write to the output: nothing is left in the process
 # group that `timeout` leads, and no process started since (pids p+1 to the last pid given, from
 # /proc/loadavg) has the shell's stdout or stderr as its own (a `setsid` daemon). Without
 # /proc, after a pid wrap, or with too many new pids to look at, it says "left" to be safe.
-_RUNNER = """n=$1; shift; "$@" </dev/null & p=$!; wait "$p" 2>/dev/null; r=$?; l=
+_RUNNER = """"$@" </dev/null & p=$!; wait "$p" 2>/dev/null; r=$?; l=
 if kill -0 -"$p" 2>/dev/null || ! read -r _ _ _ _ q </proc/loadavg 2>/dev/null \\
   || [ "$q" -lt "$p" ] || [ $((q - p)) -gt 500 ]; then l=1; fi
 i=$p; while [ -z "$l" ] && [ "$i" -lt "$q" ]; do i=$((i + 1)); [ -e /proc/$i/fd ] || continue
   for f in /proc/$i/fd/1 /proc/$i/fd/2; do
     if [ "$f" -ef /proc/$$/fd/1 ] || [ "$f" -ef /proc/$$/fd/2 ]; then l=1; fi; done; done
 if [ -n "$l" ]; then printf '%s left\\n' "$n"; fi"""
+
+# Sent once per shell, so that a command line is short to send and to parse.
+DEFINE_RUNNER = f"mb_run() {{\nn=$1; shift\n{_RUNNER}\n}}\n"
+# Under sudo the runner is a root `sh` of its own, and reads the marker from stdin: in its
+# arguments, `ps` would show it, and a step that prints `ps` output would print the marker.
+_SUDO_RUNNER = f"read -r n\n{_RUNNER}\nexit $r"
 
 
 class ShellEnded(Exception):
@@ -65,18 +71,13 @@ def fits(command: Command) -> bool:
     return command.stdin is None and bool(command.timeout)
 
 
-# Sent once per shell, so that a command line is short to send and to parse.
-DEFINE_RUNNER = f"mb_run() {{\n{_RUNNER}\n}}\n"
-
-
 def shell_line(command: Command, nonce: str) -> str:
     argv = shlex.join(command_argv(command))
+    markers = f"printf '%s %d\\n' {nonce} \"$r\"; printf '%s\\n' {nonce} >&2"
     if command.sudo:
-        run = (f"sudo -n -- sh -c {shlex.quote(_RUNNER + '; exit $r')} sh {nonce} {argv}; "
-               "r=$?")
-    else:
-        run = f"mb_run {nonce} {argv}"
-    return f"{run}; printf '%s %d\\n' {nonce} \"$r\"; printf '%s\\n' {nonce} >&2\n"
+        return (f"sudo -n -- sh -c {shlex.quote(_SUDO_RUNNER)} sh {argv} <<'MB_MARKER'\n"
+                f"{nonce}\nMB_MARKER\nr=$?; {markers}\n")
+    return f"mb_run {nonce} {argv}; {markers}\n"
 
 
 class ShellSession:
