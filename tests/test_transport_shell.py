@@ -15,7 +15,7 @@ from maintenancebot.errors import CommandTimeout, TransportError
 from maintenancebot.testing.fleet import Fleet
 from maintenancebot.transports.base import Command, controller_deadline
 from maintenancebot.transports.ssh import SshTransport
-from maintenancebot.transports.ssh_shell import _ERR_LINE, _STATUS_LINE, _Stream
+from maintenancebot.transports.ssh_shell import _Stream
 from tests.test_transports import pids_of, unique_sleep, wait_until
 
 # The pid of the shell a command runs in: the parent of its `timeout`.
@@ -129,32 +129,39 @@ def test_no_process_on_the_host_shows_the_marker(fleet: Fleet, sudo: bool) -> No
 NONCE = "0123456789abcdef" * 2
 
 
-@pytest.mark.parametrize("seed", range(200))
+@pytest.mark.parametrize("seed", range(300))
 def test_markers_are_found_however_the_stream_is_cut(seed: int) -> None:
     rng = random.Random(seed)
-    # Output that looks like markers, with other nonces, or is cut off mid-line.
+    # Output that looks like markers: other nonces, ours with another word or cut off.
     output = rng.choice([b"", b"no newline", b"x" * 70000, os.urandom(rng.randrange(200)),
-                         f"{'f' * 32} 0\n{NONCE[:31]}".encode()])
+                         f"{'f' * 32} 0\n{NONCE[:31]}".encode(),
+                         f"{NONCE} 1234\n{NONCE} lefty\n{NONCE}".encode()])
     left = rng.random() < 0.5
+    # A process left holding the output may write between the "left" line and the status.
+    stray = rng.choice([b"", b"late\n"]) if left else b""
     status = rng.randrange(256)
-    marker = (f"{NONCE} left\n" if left else "") + f"{NONCE} {status}\n"
-    stream = _Stream(NONCE, None, _STATUS_LINE)
-    for chunk in cut(output + marker.encode(), rng):
+    marker = (f"{NONCE} left\n".encode() + stray if left else b"") + f"{NONCE} {status}\n".encode()
+    stream = _Stream(NONCE, None, status=True)
+    for chunk in cut(output + marker, rng):
         stream.add(chunk)
     assert (stream.done, stream.value(), stream.left, stream.status, stream.stray) == \
-        (True, output, left, status, False)
-    err = _Stream(NONCE, None, _ERR_LINE)
+        (True, output + stray, left, status, False)
+    err = _Stream(NONCE, None, status=False)
     for chunk in cut(output + f"{NONCE}\n".encode() + b"stray", rng):
         err.add(chunk)
     assert (err.done, err.value(), err.stray) == (True, output + b"stray", True)
 
 
 def test_a_stream_that_ends_before_its_marker_keeps_everything() -> None:
-    stream = _Stream(NONCE, None, _STATUS_LINE)
+    stream = _Stream(NONCE, None, status=True)
     stream.add(b"partial " + NONCE[:20].encode())
     stream.end()
     assert (stream.ended, stream.status, stream.value()) == \
         (True, None, b"partial " + NONCE[:20].encode())
+    cut_off = _Stream(NONCE, None, status=True)
+    cut_off.add(f"out {NONCE} 1".encode())  # the status's line end never came
+    cut_off.end()
+    assert (cut_off.status, cut_off.value()) == (None, f"out {NONCE} 1".encode())
 
 
 def cut(data: bytes, rng: random.Random) -> list[bytes]:

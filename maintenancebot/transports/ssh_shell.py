@@ -95,8 +95,8 @@ class ShellSession:
         """(exit status, stdout, stderr); the status is None if the deadline came first.
         Raises ShellEnded, and whatever the channel raises (the caller translates it)."""
         nonce = secrets.token_hex(16)
-        out = _Stream(nonce, command.output_limit, _STATUS_LINE)
-        err = _Stream(nonce, command.output_limit, _ERR_LINE)
+        out = _Stream(nonce, command.output_limit, status=True)
+        err = _Stream(nonce, command.output_limit, status=False)
         if before_start is not None:
             before_start()
         self.channel.sendall(shell_line(command, nonce).encode())
@@ -135,22 +135,22 @@ class ShellSession:
             self._arrivals.wait(POLL_SECONDS if wait is None else min(POLL_SECONDS, wait))
 
 
-# What follows the nonce: on stdout, an optional "left" line and the exit status; on stderr, a
-# line end. `_Stream` takes the first match; any byte after it came from someone else.
-_STATUS_LINE = re.compile(rb"(?P<left> left\n[0-9a-f]{32})? (?P<status>\d+)\n")
-_ERR_LINE = re.compile(rb"\n")
+# A marker is the nonce and a word up to a line end: " left" or " <status>" on stdout, nothing
+# on stderr. Anything longer after the nonce is not one of ours.
+_STATUS_WORD = re.compile(rb" (\d{1,3})")
+_LONGEST_WORD = 8
 
 
 class _Stream:
-    """One of the shell's streams during one command: the command's bytes up to the nonce
-    (kept as `OutputTail` keeps them), then the marker."""
+    """One of the shell's streams during one command: the command's bytes up to its last
+    marker (kept as `OutputTail` keeps them), then, if anything came after that, stray bytes
+    from someone still holding the stream. On stdout, the "left" marker may come first."""
 
-    def __init__(self, nonce: str, limit: int | None, marker: re.Pattern[bytes]) -> None:
+    def __init__(self, nonce: str, limit: int | None, *, status: bool) -> None:
         self._nonce = nonce.encode()
         self._tail = OutputTail(limit)
-        self._marker = marker
-        self._carry = b""  # the end of what came, in case it is the start of the nonce
-        self._after: bytes | None = None  # what came after the nonce
+        self._wants_status = status
+        self._carry = b""  # the end of what came, in case it starts a marker
         self.done = False
         self.ended = False  # EOF came before the marker
         self.left = False
@@ -158,40 +158,47 @@ class _Stream:
         self.stray = False  # bytes came after the marker: someone else holds the stream
 
     def add(self, data: bytes) -> None:
-        if self._after is not None:
-            self._after += data
-            self._parse()
-            return
         if self.done:
             self.stray = True
             self._tail.add(data)
             return
         data = self._carry + data
-        at = data.find(self._nonce)
-        if at >= 0:
-            self._carry = b""
+        self._carry = b""
+        while not self.done:
+            at = data.find(self._nonce)
+            if at < 0:
+                cut = max(0, len(data) - len(self._nonce) + 1)
+                self._tail.add(data[:cut])
+                self._carry = data[cut:]
+                return
             self._tail.add(data[:at])
-            self._after = data[at + len(self._nonce):]
-            self._parse()
-            return
-        cut = max(0, len(data) - len(self._nonce) + 1)
-        if cut:
-            self._tail.add(data[:cut])
-        self._carry = data[cut:]
-
-    def _parse(self) -> None:
-        assert self._after is not None
-        match = self._marker.match(self._after)
-        if match is None:
-            return
-        self.done = True
-        self.left = bool(match.groupdict().get("left"))
-        status = match.groupdict().get("status")
-        self.status = None if status is None else int(status)
-        after, self._after = self._after[match.end():], None
-        if after:
+            after = at + len(self._nonce)
+            end = data.find(b"\n", after, after + _LONGEST_WORD + 1)
+            if end < 0 and len(data) - after <= _LONGEST_WORD:
+                self._carry = data[at:]  # the marker's word has not all come yet
+                return
+            if end >= 0 and self._take(data[after:end]):
+                data = data[end + 1:]
+            else:  # the nonce with another word (not from us): output
+                self._tail.add(self._nonce)
+                data = data[after:]
+        if data:
             self.stray = True
-            self._tail.add(after)  # the command's, as everything up to EOF will be
+            self._tail.add(data)  # the command's, as everything up to EOF will be
+
+    def _take(self, word: bytes) -> bool:
+        """Whether `word` completes one of our markers (and note what it says)."""
+        if not self._wants_status:
+            self.done = word == b""
+            return self.done
+        if word == b" left":
+            self.left = True
+            return True
+        match = _STATUS_WORD.fullmatch(word)
+        if match is None:
+            return False
+        self.status, self.done = int(match.group(1)), True
+        return True
 
     def end(self) -> None:
         """EOF: whatever came and was not a whole marker is the command's output."""
@@ -199,7 +206,7 @@ class _Stream:
             self.ended = self.done = True
 
     def value(self) -> bytes:
-        if not self.done or self.ended:  # cut off: what may have been a marker is output too
-            self._tail.add(self._carry + (self._after or b""))
-            self._carry, self._after = b"", None
+        if self._carry:  # cut off: what may have been the start of a marker is output too
+            self._tail.add(self._carry)
+            self._carry = b""
         return self._tail.value()
