@@ -393,6 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ansible-up-to", type=int, default=50, metavar="N",
                         help="run ansible only up to N hosts (default 50: one 200-host "
                              "ansible run takes minutes, and the goals compare at 50)")
+    parser.add_argument("--shared-pids", action="store_true",
+                        help="run every host's sshd in the controller's pid namespace (default: "
+                             "each in its own, where unshare is allowed, as a machine sees only "
+                             "its own processes)")
     parser.add_argument("--workdir", type=Path, help="keep the fleet and files here")
     args = parser.parse_args(argv)
 
@@ -413,8 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.latency:
         print(f"latency: +{args.latency:g} ms round trip through benchmarks/delay_proxy.py (no "
               f"netem here: {no_netem}); the proxy's CPU is on the same cores")
+    no_pid_namespaces = "--shared-pids" if args.shared_pids else pid_namespaces_unsupported()
+    if no_pid_namespaces is None:
+        print("hosts: each sshd in a pid namespace of its own")
+    else:
+        print(f"hosts: every sshd in this pid namespace ({no_pid_namespaces})")
     results: dict[int, dict[str, list[Sample]]] = {}
-    with Fleet(base / "fleet", max(args.hosts), prefix="bench") as real_fleet, ExitStack() as stack:
+    with Fleet(base / "fleet", max(args.hosts), prefix="bench",
+               pid_namespaces=no_pid_namespaces is None) as real_fleet, ExitStack() as stack:
         fleet: Any = real_fleet
         if args.latency and no_netem is not None:
             proxy = stack.enter_context(DelayProxy(
@@ -433,6 +443,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workdir is None:
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def pid_namespaces_unsupported() -> str | None:
+    """Why the hosts cannot have pid namespaces of their own, or None if they can.
+
+    A machine sees its own processes only; hosts that share one process table each see the
+    others' too, which a host-side check over the processes a step started (`ssh_shell`) pays
+    for as if 50 hosts' steps ran on every host."""
+    try:
+        tried = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+                                "true"], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        return f"no unshare: {exc}"
+    return None if tried.returncode == 0 else f"unshare failed: {tried.stderr.strip()}"
 
 
 def machine_line() -> str:

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,19 @@ def test_a_process_left_holding_the_output_is_read_to_eof_and_the_shell_replaced
         after = ssh.run(Command("sleep 1.5; echo next", timeout=30))
         assert (after.stdout, after.stderr) == ("next\n", "")
         assert shell_of(ssh) != before
+
+
+def test_a_setsid_process_is_seen_where_the_host_has_its_own_pid_namespace(
+        tmp_path: Path) -> None:
+    """As on a machine of its own (the benchmark's hosts): the processes a step started are
+    found through that namespace's /proc."""
+    with Fleet(tmp_path, 1, pid_namespaces=True) as own, \
+            SshTransport(own.host(own.names[0]), own.ssh_settings) as ssh:
+        processes = ssh.run(Command("ls /proc | grep -c '^[0-9]'", timeout=30)).stdout
+        assert int(processes) < 20, "the host sees the controller's processes"
+        result = ssh.run(Command("setsid sh -c 'echo early; sleep 1; echo late' & sleep 0.5",
+                                 timeout=30))
+        assert result.stdout == "early\nlate\n"
 
 
 def test_a_process_that_redirected_its_output_does_not_hold_the_command(fleet: Fleet) -> None:

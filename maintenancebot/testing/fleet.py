@@ -69,13 +69,17 @@ class Fleet:
         sshd: str = SSHD,
         connect_timeout: float = 5.0,
         sshd_options: Sequence[str] = (),
+        pid_namespaces: bool = False,
     ) -> None:
+        """`pid_namespaces`: each sshd in a pid namespace of its own (`unshare`, root only), so
+        that a host sees its own processes only, as a machine does (the benchmarks)."""
         if count < 1:
             raise ValueError("a fleet needs at least one host")
         self.workdir = Path(workdir).absolute()
         self.user = user or getpass.getuser()
         self.connect_timeout = connect_timeout
         self._sshd = sshd
+        self._pid_namespaces = pid_namespaces
         width = max(2, len(str(count)))
         self.names = [f"{prefix}-{i + 1:0{width}d}" for i in range(count)]
         self._half = max(1, count // 2)
@@ -274,8 +278,12 @@ class Fleet:
         config.write_text(self._sshd_config(node))
         node.log_offset = node.log.stat().st_size if node.log.exists() else 0
         with node.log.open("ab") as log:
+            # --kill-child: sshd, the namespace's init, and with it all the host's processes
+            # die with `unshare`.
+            unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
             self._procs[node.name] = subprocess.Popen(
-                [self._sshd, "-D", "-e", "-f", str(config)],
+                [*(unshare if self._pid_namespaces else []), self._sshd, "-D", "-e", "-f",
+                 str(config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
 
