@@ -11,16 +11,20 @@ came before the markers is the command's output.
 
 What a channel of its own gave for free is kept on purpose:
 - **The end of the output.** A channel ends at EOF, once every process holding the output has
-  exited, not only the command. The shell checks whether anything is still running in the
-  command's process group (`kill -0`); if so it exits, and the output is read on to EOF or the
-  deadline, as before. Output after a marker (a process that left the group) ends the shell the
-  same way. Otherwise a stray writer's text could land in the next command's output.
+  exited, not only the command. So after each command the shell looks for such processes: any
+  still in the command's process group (`kill -0`), and any started since the command (pids
+  after its own, up to the last one /proc/loadavg gives) whose stdout or stderr is the shell's
+  (a `setsid` daemon). If it finds one, or cannot tell, it exits, and the output is read on to
+  EOF or the deadline, as before; the next command gets a new shell. Output after a marker
+  ends the shell the same way. Otherwise a stray writer's text could land in the next
+  command's output, and in what a later step registers.
 - **Isolation.** Each command is a process of its own: it cannot change the shell's directory,
-  variables or options. The shell itself only sets `n`, `p`, `r` and its positional parameters,
-  none of them exported.
+  variables or options. The shell itself only sets `f`, `i`, `l`, `n`, `p`, `q`, `r` and its
+  positional parameters, none of them exported.
 - **Quiet signals.** A shell reports a child killed by a signal ("Terminated") on stderr; `wait
   2>/dev/null` keeps that out of the output, as `exec` on a channel of its own did.
-- **sudo.** The same runner goes under `sudo -n`, so the process group is checked as root.
+- **sudo.** The same runner goes under `sudo -n`, so that the processes are checked as root.
+  It reads the marker from stdin: in its arguments, a step printing `ps` would print it.
 
 Commands with stdin data (the end of their input is the channel's EOF) or without a timeout (no
 process group to check) take a channel of their own (`SshTransport.run`).
