@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from maintenancebot.transports.base import OutputTail
@@ -22,19 +23,27 @@ def collect(channel: Any, deadline: float | None,
     """Read stdout and stderr together until EOF (True) or the deadline (False), keeping the
     last `limit` bytes of each (`OutputTail`)."""
     out, err = OutputTail(limit), OutputTail(limit)
-    arrivals = Arrivals(channel)
+    done = read(channel, Arrivals(channel), out.add, err.add, deadline)
+    return out.value(), err.value(), done
+
+
+def read(channel: Any, arrivals: Arrivals, on_stdout: Callable[[bytes], object],
+         on_stderr: Callable[[bytes], object], deadline: float | None,
+         finished: Callable[[], bool] = lambda: False) -> bool:
+    """Hand stdout and stderr to their callbacks as they arrive, until `finished()` or EOF
+    (True), or the deadline (False)."""
     while True:
         # Checked before draining: data sent before EOF is then certainly in the buffers.
         ended = channel.eof_received or channel.closed
         while channel.recv_ready():
-            out.add(channel.recv(CHUNK))
+            on_stdout(channel.recv(CHUNK))
         while channel.recv_stderr_ready():
-            err.add(channel.recv_stderr(CHUNK))
-        if ended:
-            return out.value(), err.value(), True
+            on_stderr(channel.recv_stderr(CHUNK))
+        if ended or finished():
+            return True
         wait = remaining(deadline)
         if wait is not None and wait <= 0:
-            return out.value(), err.value(), False
+            return False
         arrivals.wait(POLL_SECONDS if wait is None else min(POLL_SECONDS, wait))
 
 

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from maintenancebot.transports.base import Command, OutputTail, command_argv
-from maintenancebot.transports.ssh_output import CHUNK, POLL_SECONDS, Arrivals, remaining
+from maintenancebot.transports.ssh_output import Arrivals, read
 
 SHELL_COMMAND = "exec /bin/sh"
 
@@ -121,22 +121,12 @@ class ShellSession:
     def _read(self, out: _Stream, err: _Stream, deadline: float | None,
               finished: Callable[[], bool]) -> bool:
         """Read both streams until `finished()` or EOF (True), or the deadline (False)."""
-        channel = self.channel
-        while True:
-            ended = channel.eof_received or channel.closed
-            while channel.recv_ready():
-                out.add(channel.recv(CHUNK))
-            while channel.recv_stderr_ready():
-                err.add(channel.recv_stderr(CHUNK))
-            if ended:
-                out.end()
-                err.end()
-            if finished() or ended:
-                return True
-            wait = remaining(deadline)
-            if wait is not None and wait <= 0:
-                return False
-            self._arrivals.wait(POLL_SECONDS if wait is None else min(POLL_SECONDS, wait))
+        if not read(self.channel, self._arrivals, out.add, err.add, deadline, finished):
+            return False
+        if not finished():  # EOF
+            out.end()
+            err.end()
+        return True
 
 
 # A marker is the nonce and a word up to a line end: " left" or " <status>" on stdout, nothing
