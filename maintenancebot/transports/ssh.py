@@ -4,8 +4,9 @@ Owns everything paramiko: connecting (optionally through jump hosts), host key v
 against a known_hosts file (which lines speak of a host: `ssh_hostkeys`), running commands in
 the connection's shell (`ssh_shell`) or on session channels of their own (their output read as
 it arrives: `ssh_output`), SFTP, and translating every paramiko and socket exception into our
-`TransportError` tree (`raise ... from exc`). It is the only module that imports paramiko. It must not accept an unknown or changed host key, try passwords,
-read ~/.ssh on its own, or decide anything about what a command means: a non-zero rc is a result.
+`TransportError` tree (`raise ... from exc`). It is the only module that imports paramiko. It
+must not accept an unknown or changed host key, try passwords, read ~/.ssh on its own, or decide
+anything about what a command means: a non-zero rc is a result.
 """
 
 from __future__ import annotations
