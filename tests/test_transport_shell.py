@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from maintenancebot.errors import CommandTimeout, TransportError
 from maintenancebot.testing.fleet import Fleet
 from maintenancebot.transports.base import Command, controller_deadline
 from maintenancebot.transports.ssh import SshTransport
-from maintenancebot.transports.ssh_shell import _Stream
+from maintenancebot.transports.ssh_shell import DEFINE_RUNNER, _Stream, shell_line
 from tests.test_transports import pids_of, unique_sleep, wait_until
 
 # The pid of the shell a command runs in: the parent of its `timeout`.
@@ -135,6 +136,22 @@ def test_no_process_on_the_host_shows_the_marker(fleet: Fleet, sudo: bool) -> No
         result = ssh.run(Command("ps -eo args; echo end", sudo=sudo, timeout=5))
     assert (result.rc, result.stdout.splitlines()[-1]) == (0, "end")
     assert "ps -eo args" in result.stdout
+
+
+@pytest.mark.parametrize("shell", [["dash"], ["bash", "--posix"]], ids=["dash", "bash"])
+def test_the_runner_means_the_same_in_dash_and_in_bash(shell: list[str]) -> None:
+    """/bin/sh is dash on Debian and bash on RHEL: the same lines, fed to each through pipes as
+    sshd would, give the same markers, no "Terminated", and see a `setsid` process that holds
+    the output."""
+    lines = (DEFINE_RUNNER
+             + shell_line(Command("echo a; kill -TERM $$", timeout=5), "a" * 32)
+             + shell_line(Command("setsid sh -c 'echo b; sleep 1; echo late' & sleep 0.3",
+                                  timeout=5), "b" * 32))
+    done = subprocess.run(shell, input=lines.encode(), capture_output=True, timeout=20,
+                          check=True)
+    assert done.stdout.decode() == (f"a\n{'a' * 32} 143\nb\n{'b' * 32} left\n{'b' * 32} 0\n"
+                                    "late\n")
+    assert done.stderr.decode() == f"{'a' * 32}\n{'b' * 32}\n"
 
 
 # ------------------------------------------------------------------------------ the markers
