@@ -1,13 +1,13 @@
 """Commands through one long-lived POSIX shell per SSH connection.
 
 A session channel per command makes sshd set up a session and start the login shell each time:
-about 1.2 ms of the host's CPU and 1 ms of ours per command, more than `uptime` itself costs, and
-a fifth of a 50-host run (README, Performance). So a connection keeps one `/bin/sh` on one
-channel and hands it one command line at a time. The command runs exactly as it would on a
-channel of its own (the same `command_argv`, whose `timeout` leads a process group and kills it
-whole), in the background of that shell with stdin from /dev/null. The shell then prints a
-marker, a random nonce per command, with the exit status on stdout and alone on stderr; what
-came before the markers is the command's output.
+about 1.2 ms of the host's CPU and 1 ms of ours per command, more than `uptime` itself costs
+(README, Performance). So a connection keeps one `/bin/sh` on one channel and hands it one
+command line at a time. The command runs exactly as it would on a channel of its own (the same
+`command_argv`, whose `timeout` leads a process group and kills it whole), in the background of
+that shell with stdin from /dev/null. The shell then prints a marker, a random nonce per
+command, with the exit status on stdout and alone on stderr; what came before the markers is
+the command's output.
 
 What a channel of its own gave for free is kept on purpose:
 - **The end of the output.** A channel ends at EOF, once every process holding the output has
@@ -19,8 +19,8 @@ What a channel of its own gave for free is kept on purpose:
   ends the shell the same way. Otherwise a stray writer's text could land in the next
   command's output, and in what a later step registers.
 - **Isolation.** Each command is a process of its own: it cannot change the shell's directory,
-  variables or options. The shell itself only sets `f`, `i`, `l`, `n`, `p`, `q`, `r` and its
-  positional parameters, none of them exported.
+  variables or options. The shell itself only sets `_`, `f`, `i`, `l`, `n`, `p`, `q`, `r` and
+  its positional parameters, none of them exported.
 - **Quiet signals.** A shell reports a child killed by a signal ("Terminated") on stderr; `wait
   2>/dev/null` keeps that out of the output, as `exec` on a channel of its own did.
 - **sudo.** The same runner goes under `sudo -n`, so that the processes are checked as root.
@@ -71,7 +71,8 @@ class ShellEnded(Exception):
 
 
 def fits(command: Command) -> bool:
-    """Whether `command` can run in the shell (see the module's last paragraph)."""
+    """Whether `command` can run in the shell: it has a timeout and no stdin data (the module's
+    docstring says why)."""
     return command.stdin is None and bool(command.timeout)
 
 
