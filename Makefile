@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 BENCH_VENV := .venv-bench
 BENCH_ARGS ?= --hosts 10 50 200 --repeat 5
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := openssh-server openssh-client sudo systemd
+DEBIAN_PACKAGES := openssh-server openssh-client sudo systemd procps
 
 .PHONY: demo test setup system-deps lint bench clean
 
